@@ -1,0 +1,58 @@
+"""offload: await CPU-heavy work on process or subinterpreter workers from asyncio code.
+
+>>> import offload
+>>> async def main():  # doctest: +SKIP
+...     async with offload.WorkerManager(workers=2, max_queue=100) as wm:
+...         return await wm.run(pow, 2, 100, priority="high", timeout=5.0)
+
+Layers, each importing only those below it::
+
+    WorkerManager (_manager)   validation, admission, deadlines, outcomes, stats, lifecycle
+    Pool (_pool)               one kind's workers and the priority queue in front of them
+    workers/                   process and interpreter workers behind one small protocol
+    _connection / _worker      the pipe transport, parent side and worker side
+"""
+
+from ._manager import WorkerManager
+from ._stats import Stats
+from ._task import Priority, Task, task
+from .errors import (
+    DecryptFailed,
+    InvalidInput,
+    InvalidTask,
+    ManagerClosed,
+    NotSerializable,
+    OffloadError,
+    OutputTooLarge,
+    PayloadTooLarge,
+    QueueFull,
+    TaskFailed,
+    TaskTimeout,
+    UnknownTask,
+    UnsupportedKind,
+    WorkerCrashed,
+    WorkerStartFailed,
+)
+
+__all__ = (
+    "DecryptFailed",
+    "InvalidInput",
+    "InvalidTask",
+    "ManagerClosed",
+    "NotSerializable",
+    "OffloadError",
+    "OutputTooLarge",
+    "PayloadTooLarge",
+    "Priority",
+    "QueueFull",
+    "Stats",
+    "Task",
+    "TaskFailed",
+    "TaskTimeout",
+    "UnknownTask",
+    "UnsupportedKind",
+    "WorkerCrashed",
+    "WorkerManager",
+    "WorkerStartFailed",
+    "task",
+)

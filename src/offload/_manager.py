@@ -1,0 +1,437 @@
+"""``WorkerManager``: validation, admission, deadlines, outcomes, statistics, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import os
+import pickle
+import sys
+import time
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, Final, Literal, Self, TypeVar, TypeVarTuple, Unpack
+
+from . import _worker as wire
+from ._pool import Pool
+from ._queue import Job, JobState
+from ._stats import Stats, StatsRecorder
+from ._task import Priority, PriorityLike, RegisteredTask, Task, coerce_timeout, task_from_dict
+from .errors import (
+    InvalidTask,
+    ManagerClosed,
+    NotSerializable,
+    PayloadTooLarge,
+    QueueFull,
+    TaskTimeout,
+    UnsupportedKind,
+    WorkerCrashed,
+)
+from .workers import interpreters_available
+
+__all__ = ("WorkerManager",)
+
+R = TypeVar("R")
+Ts = TypeVarTuple("Ts")
+
+KIND_NAMES: Final = ("process", "interpreter")
+DEFAULT_MAX_PAYLOAD: Final = 256 * 1024 * 1024
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+def default_workers() -> int:
+    """``max(1, os.cpu_count() - 1)``: leave a core for the event loop."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+class WorkerManager:
+    """Runs CPU-heavy callables on worker processes or subinterpreters, from ``async`` code.
+
+    >>> async with WorkerManager(workers=2, max_queue=100) as wm:  # doctest: +SKIP
+    ...     digest = await wm.run(hashlib_sha256_hex, b"data", priority="high", timeout=5)
+    ...     token = await wm.execute_task({"type": "jwt:sign", "data": {...}})
+
+    Args:
+        workers: how many workers this manager owns (not shared with other managers);
+            default ``max(1, os.cpu_count() - 1)``.
+        kind: ``"process"`` (default) or ``"interpreter"`` (Python 3.13+, one GIL per
+            subinterpreter, lower overhead, but a crash takes the whole process down and code
+            blocked in C cannot be stopped).
+        max_queue: how many tasks may wait for a worker; one more raises ``QueueFull``.
+        process_workers: with ``kind="interpreter"``, extra process workers for task types
+            that cannot load in a subinterpreter (``cryptography``, ``zstandard``, ...).
+        max_payload: the largest pickled arguments or result, in bytes (``PAYLOAD_TOO_LARGE``).
+        default_timeout: the deadline for tasks that set none (seconds, or ``None``).
+        shutdown_grace: how long leaving ``async with`` waits for queued and running work.
+        start_timeout: how long a worker may take to report READY.
+        interrupt_grace: interpreter workers: how long an interrupted task may take to stop
+            before its interpreter is quarantined and replaced.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        kind: Literal["process", "interpreter"] = "process",
+        *,
+        max_queue: int = 1000,
+        process_workers: int = 0,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        default_timeout: float | None = None,
+        shutdown_grace: float = 30.0,
+        start_timeout: float = 30.0,
+        interrupt_grace: float = 0.25,
+    ) -> None:
+        if kind not in KIND_NAMES:
+            raise UnsupportedKind(f"kind must be one of {KIND_NAMES}, not {kind!r}")
+        if kind == "interpreter":
+            interpreters_available()
+        if workers is None:
+            workers = default_workers()
+        for name, value, low in (
+            ("workers", workers, 1),
+            ("max_queue", max_queue, 0),
+            ("process_workers", process_workers, 0),
+            ("max_payload", max_payload, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, not {value!r}")
+        if process_workers and kind == "process":
+            raise ValueError("process_workers is for kind='interpreter'; raise workers instead")
+        self.kind = kind
+        self.max_queue = max_queue
+        self.max_payload = max_payload
+        self.default_timeout = coerce_timeout(default_timeout)
+        self.shutdown_grace = shutdown_grace
+        self._workers = workers
+        self._process_workers = process_workers
+        self._start_timeout = start_timeout
+        self._interrupt_grace = interrupt_grace
+        self._state = _State.NEW
+        self._pools: dict[str, Pool] = {}
+        self._stats = StatsRecorder()
+        self._seq = itertools.count(1)
+        self._outstanding = 0  # accepted jobs without an outcome yet
+        self._drained: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed_event: asyncio.Event | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<WorkerManager kind={self.kind} workers={self._workers} "
+            f"max_queue={self.max_queue} {self._state.value}>"
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        cancelled = exc_type is not None and issubclass(exc_type, asyncio.CancelledError)
+        await self.shutdown(grace=0 if cancelled else None)
+
+    async def start(self) -> Self:
+        """Start the workers and wait until each has answered READY (or raise)."""
+        if self._state is not _State.NEW:
+            raise RuntimeError(f"this WorkerManager is {self._state.value}; create a new one")
+        self._loop = asyncio.get_running_loop()
+        self._drained = asyncio.Event()
+        self._closed_event = asyncio.Event()
+        settings = {
+            "sys_path": list(sys.path),
+            "main": _main_reference(),
+            "max_payload": self.max_payload,
+        }
+        sizes = {self.kind: self._workers}
+        if self._process_workers:
+            sizes["process"] = self._process_workers
+        for kind, size in sizes.items():
+            self._pools[kind] = Pool(
+                kind,
+                size,
+                self,
+                settings,
+                start_timeout=self._start_timeout,
+                interrupt_grace=self._interrupt_grace,
+                on_restart=self._count_restart,
+            )
+        self._state = _State.RUNNING
+        try:
+            await asyncio.gather(*(pool.start() for pool in self._pools.values()))
+        except BaseException:
+            self._state = _State.CLOSED
+            await asyncio.shield(self._close_pools(0))
+            raise
+        return self
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop taking work, let queued and running tasks finish within ``grace`` seconds
+        (default ``shutdown_grace``), fail what is left with ``ManagerClosed`` (``SHUTDOWN``),
+        then stop every worker. Idempotent; afterwards no worker of this manager is alive.
+        """
+        if self._state is _State.NEW:
+            self._state = _State.CLOSED
+            return
+        if self._state is not _State.RUNNING:
+            assert self._closed_event is not None
+            await self._closed_event.wait()
+            return
+        self._state = _State.DRAINING
+        grace = self.shutdown_grace if grace is None else grace
+        assert self._drained is not None and self._closed_event is not None
+        try:
+            if self._outstanding and grace > 0:
+                async with asyncio.timeout(grace):
+                    await self._drained.wait()
+        except TimeoutError:
+            pass
+        finally:
+            # Even when the caller is cancelled here: nothing is left running.
+            await asyncio.shield(self._finish_shutdown())
+
+    async def _finish_shutdown(self) -> None:
+        for pool in self._pools.values():
+            for job in pool.all_jobs():
+                if job.state is JobState.SENT and job.worker is not None:
+                    job.worker.stop_running(job)
+                self.settle(
+                    job,
+                    error=ManagerClosed(
+                        "the manager shut down before this task finished", task_id=job.task_id
+                    ),
+                )
+            pool.queue.drain()
+        await self._close_pools(0.0)
+        self._state = _State.CLOSED
+        assert self._closed_event is not None
+        self._closed_event.set()
+
+    async def _close_pools(self, grace: float) -> None:
+        await asyncio.gather(*(pool.aclose(grace) for pool in self._pools.values()))
+
+    @property
+    def closed(self) -> bool:
+        """True once ``shutdown`` began: submitting raises ``ManagerClosed``."""
+        return self._state in (_State.DRAINING, _State.CLOSED)
+
+    # -- submitting ------------------------------------------------------------------------
+
+    async def run(
+        self,
+        fn: Callable[[Unpack[Ts]], R],
+        *args: Unpack[Ts],
+        priority: PriorityLike = Priority.NORMAL,
+        timeout: float | None = None,
+        task_id: str | None = None,
+    ) -> R:
+        """Run ``fn(*args)`` on a worker and return its result.
+
+        >>> await wm.run(math.factorial, 500, priority="high", timeout=2.0)  # doctest: +SKIP
+
+        ``fn`` must be picklable by reference (a module-level function). For keyword
+        arguments, pass ``functools.partial(fn, key=value)``.
+        """
+        task = Task(fn, args=tuple(args), priority=priority, timeout=timeout, id=task_id)
+        result: R = await self._submit(task, self._pools_for(None))
+        return result
+
+    async def execute_task(self, task: Task | Mapping[str, Any]) -> Any:
+        """Run a ``Task``, or a dict naming a registered type, and return its result.
+
+        >>> await wm.execute_task(Task(pow, args=(2, 10), priority=Priority.LOW))  # doctest: +SKIP
+        1024
+        >>> await wm.execute_task(  # doctest: +SKIP
+        ...     {"id": "a1", "type": "demo:add", "data": {"a": 1, "b": 2}, "timeout": 5}
+        ... )
+        3
+        """
+        if isinstance(task, Task):
+            return await self._submit(task, self._pools_for(None))
+        if isinstance(task, Mapping):
+            parsed, entry = task_from_dict(task)
+            return await self._submit(parsed, self._pools_for(entry))
+        raise InvalidTask(f"execute_task takes a Task or a dict, not {type(task).__name__}")
+
+    def _pools_for(self, entry: RegisteredTask | None) -> Pool:
+        if self._state is not _State.RUNNING:
+            raise ManagerClosed(self._closed_message())
+        if entry is None or self.kind in entry.kinds:
+            return self._pools[self.kind]
+        if "process" in entry.kinds and "process" in self._pools:
+            return self._pools["process"]
+        why = f" ({entry.why_not})" if entry.why_not else ""
+        raise UnsupportedKind(
+            f"task type {entry.name!r} cannot run on {self.kind} workers{why}; it runs on "
+            f"{sorted(entry.kinds)}: use WorkerManager(kind='process') or give this manager "
+            "process workers: WorkerManager(kind='interpreter', process_workers=1)"
+        )
+
+    def _closed_message(self) -> str:
+        if self._state is _State.NEW:
+            return "the manager is not started: use `async with WorkerManager(...) as wm:`"
+        return "the manager is shut down and takes no more tasks"
+
+    async def _submit(self, task: Task, pool: Pool) -> Any:
+        if len(pool.queue) >= self.max_queue and not pool.has_idle_worker():
+            self._stats.rejected += 1
+            raise QueueFull(
+                f"{len(pool.queue)} tasks are already waiting (max_queue={self.max_queue}); "
+                "retry later, or raise max_queue or workers",
+                task_id=task.id,
+            )
+        payload = self._pickle_call(task)
+        loop = self._loop
+        assert loop is not None
+        timeout = task.timeout if task.timeout is not None else self.default_timeout
+        job = Job(
+            next(self._seq),
+            task.priority,  # type: ignore[arg-type]  # coerced by Task
+            payload,
+            loop.create_future(),
+            task.id,
+            getattr(task.fn, "__qualname__", type(task.fn).__name__),
+            pool.kind,
+            timeout,
+        )
+        if timeout is not None:
+            job.deadline_handle = loop.call_at(loop.time() + timeout, self._on_deadline, job, pool)
+        self._outstanding += 1
+        self._stats.submitted += 1
+        pool.submit(job)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            if job.state is not JobState.DONE:
+                pool.stop(job, "cancelled")
+            raise
+
+    def _pickle_call(self, task: Task) -> bytes:
+        try:
+            payload = pickle.dumps(
+                (task.fn, task.args, dict(task.kwargs)), protocol=wire.PICKLE_PROTOCOL
+            )
+        except Exception as exc:
+            raise NotSerializable(
+                f"the task's function or arguments cannot be pickled: {type(exc).__name__}: "
+                f"{_first_line(exc)}; use module-level functions and picklable arguments",
+                task_id=task.id,
+            ) from None
+        if len(payload) > self.max_payload:
+            raise PayloadTooLarge(
+                f"the arguments are {len(payload)} bytes pickled, over max_payload="
+                f"{self.max_payload}; send less (e.g. a file path), or raise max_payload",
+                task_id=task.id,
+            )
+        return payload
+
+    def _on_deadline(self, job: Job, pool: Pool) -> None:
+        job.deadline_handle = None
+        if job.state is not JobState.DONE:
+            pool.stop(job, "timeout")
+
+    # -- outcomes (the pools' Ledger) ------------------------------------------------------
+
+    def timeout_error(self, job: Job) -> TaskTimeout:
+        where = "waiting in the queue" if job.state is JobState.QUEUED else "running"
+        return TaskTimeout(
+            f"{job.name} did not finish within its {job.timeout:g} s deadline (it was {where})",
+            task_id=job.task_id,
+        )
+
+    def settle(
+        self, job: Job, *, result: Any = None, error: BaseException | None = None, run: float = 0.0
+    ) -> None:
+        """Give ``job`` its one outcome (later calls for the same job do nothing)."""
+        if job.state is JobState.DONE:
+            return
+        job.state = JobState.DONE
+        if job.deadline_handle is not None:
+            job.deadline_handle.cancel()
+            job.deadline_handle = None
+        stats = self._stats
+        future = job.future
+        if error is None:
+            stats.completed += 1
+            stats.timing(self._wait_time(job, run), run)
+            if not future.done():
+                future.set_result(result)
+        else:
+            if isinstance(error, TaskTimeout):
+                stats.timed_out += 1
+            elif isinstance(error, asyncio.CancelledError):
+                stats.cancelled += 1
+            elif isinstance(error, WorkerCrashed):
+                stats.crashed += 1
+            elif isinstance(error, ManagerClosed):
+                stats.shutdown += 1
+            else:
+                stats.failed += 1
+                stats.timing(self._wait_time(job, run), run)
+            if not future.done():
+                if isinstance(error, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(error)
+        self._outstanding -= 1
+        if not self._outstanding and self._drained is not None:
+            self._drained.set()
+
+    @staticmethod
+    def _wait_time(job: Job, run: float) -> float:
+        return max(0.0, time.perf_counter() - job.submitted_at - run)
+
+    def _count_restart(self) -> None:
+        self._stats.worker_restarts += 1
+
+    # -- observing -------------------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        """A frozen snapshot of counters, queue lengths and wait/run percentiles."""
+        queued = dict.fromkeys(("high", "normal", "low"), 0)
+        workers = running = 0
+        for pool in self._pools.values():
+            for priority, count in pool.queue.counts().items():
+                queued[priority.name.lower()] += count
+            workers += pool.ready_workers
+            running += pool.holding
+        return self._stats.snapshot(self.kind, workers, running, queued)
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of this manager's live process workers (for tests and monitoring)."""
+        pids = []
+        for pool in self._pools.values():
+            for worker in pool.workers:
+                pid = getattr(worker, "pid", None)
+                if pid is not None:
+                    pids.append(pid)
+        return pids
+
+
+def _main_reference() -> tuple[str, str] | None:
+    """How a worker can load the caller's ``__main__`` if a task refers to it."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name not in ("__main__", None):
+        return ("module", spec.name)
+    path = getattr(main, "__file__", None)
+    if isinstance(path, str):
+        return ("path", os.path.abspath(path))
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else ""

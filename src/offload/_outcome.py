@@ -1,0 +1,100 @@
+"""Turning a worker's answer into the caller's result or exception."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any
+
+from . import _worker as wire
+from .errors import NotSerializable, PayloadTooLarge, TaskFailed, UnsupportedKind
+
+__all__ = ("RemoteTraceback", "decode_answer")
+
+
+class RemoteTraceback(Exception):
+    """Chained as ``__cause__`` of a task's exception: the traceback from inside the worker."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+class _Unpickler(pickle.Unpickler):
+    """Classes a worker defined in the caller's ``__main__`` come back as ``__mp_main__``."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__mp_main__":
+            module = "__main__"
+        return super().find_class(module, name)
+
+
+def loads(data: bytes | memoryview) -> Any:
+    return _Unpickler(io.BytesIO(data)).load()
+
+
+def decode_answer(tag: int, payload: memoryview, kind: str, task_id: str | None) -> Any:
+    """The result for ``tag``/``payload``, or raise what the caller should see."""
+    if tag == wire.OK:
+        try:
+            return loads(payload)
+        except Exception as exc:
+            raise NotSerializable(
+                f"the result could not be unpickled here: {type(exc).__name__}: {exc}",
+                task_id=task_id,
+            ) from None
+    if tag in (wire.RAISED, wire.LOAD_FAILED):
+        raise _rebuild(pickle.loads(payload), tag, kind, task_id)
+    if tag == wire.RESULT_NOT_SERIALIZABLE:
+        type_name, message = pickle.loads(payload)
+        raise NotSerializable(
+            f"the result could not be pickled: {type_name}: {message}", task_id=task_id
+        )
+    if tag == wire.RESULT_TOO_LARGE:
+        size = pickle.loads(payload)
+        raise PayloadTooLarge(
+            f"the result is {size} bytes pickled, over the manager's max_payload; "
+            "return less, or raise max_payload",
+            task_id=task_id,
+        )
+    raise TaskFailed(f"unexpected answer tag {tag} from the worker", task_id=task_id)
+
+
+def _rebuild(
+    info: tuple[bytes | None, str, str, str], tag: int, kind: str, task_id: str | None
+) -> BaseException:
+    exc_bytes, type_name, message, tb = info
+    if tag == wire.LOAD_FAILED and kind == "interpreter" and _is_subinterpreter_refusal(message):
+        return UnsupportedKind(
+            f"the task imports a module that cannot load in a subinterpreter ({message}); "
+            "run it on process workers (kind='process', or give an interpreter manager "
+            "process_workers and register the task type with kinds=('process',))",
+            task_id=task_id,
+        )
+    exc: BaseException | None = None
+    if exc_bytes is not None:
+        try:
+            exc = loads(exc_bytes)
+        except Exception:
+            exc = None
+    if not isinstance(exc, Exception):
+        # Not rebuildable here, or a BaseException (SystemExit, KeyboardInterrupt) that must
+        # not escape into the caller's event loop as itself.
+        what = "could not be loaded" if tag == wire.LOAD_FAILED else "raised"
+        failed = TaskFailed(
+            f"the task {what}: {type_name}: {message}",
+            task_id=task_id,
+            exc_type=type_name,
+            remote_traceback=tb,
+        )
+        failed.__cause__ = RemoteTraceback(tb)
+        return failed
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+def _is_subinterpreter_refusal(message: str) -> bool:
+    return "subinterpreter" in message or "sub-interpreter" in message

@@ -1,0 +1,313 @@
+"""A pool: the workers of one kind and the queue in front of them.
+
+Data flow: the manager accepts a job and ``submit``s it here; ``pump`` hands queued jobs to
+workers with room (an idle worker first, else at most one job waiting behind a running one);
+a worker's answer comes back through ``on_answer``, and the ``Ledger`` settles the job. A
+worker that dies (``on_lost``) fails only the job it was running; the one waiting behind it
+goes back to the queue in its old place, and a new worker takes the dead one's slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import _worker as wire
+from ._outcome import decode_answer
+from ._queue import Job, JobQueue, JobState
+from .errors import OffloadError, TaskTimeout, WorkerCrashed, WorkerStartFailed
+from .workers import InterpreterWorker, ProcessWorker, Worker
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ("Ledger", "Pool")
+
+log = logging.getLogger("offload")
+
+
+class Ledger(Protocol):
+    """Where jobs get their outcome (the manager): counters, futures, deadlines."""
+
+    def settle(
+        self, job: Job, *, result: Any = None, error: BaseException | None = None, run: float = 0.0
+    ) -> None: ...
+
+    def timeout_error(self, job: Job) -> TaskTimeout: ...
+
+
+class Pool:
+    """Workers of one kind, a priority queue, and the rules that connect them."""
+
+    def __init__(
+        self,
+        kind: str,
+        size: int,
+        ledger: Ledger,
+        settings: dict[str, Any],
+        *,
+        start_timeout: float,
+        interrupt_grace: float,
+        on_restart: Callable[[], None],
+    ) -> None:
+        self.kind = kind
+        self.size = size
+        self.queue = JobQueue()
+        self.workers: list[Worker] = []
+        self._ledger = ledger
+        self._settings = settings
+        self._start_timeout = start_timeout
+        self._interrupt_grace = interrupt_grace
+        self._on_restart = on_restart
+        self._worker_class: type[Worker] = (
+            InterpreterWorker if kind == "interpreter" else ProcessWorker
+        )
+        self._numbers = itertools.count(1)
+        self._background: set[asyncio.Task[Any]] = set()
+        self._retiring: set[Worker] = set()  # quarantined or killed, not yet gone
+        self._start_failures = 0
+        self.closing = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every worker at once; if one fails, stop the others and raise."""
+        results = await asyncio.gather(
+            *(self._start_worker() for _ in range(self.size)), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.aclose(grace=0)
+            raise errors[0]
+
+    async def _start_worker(self) -> Worker:
+        worker = self._worker_class(self, next(self._numbers))
+        await worker.start(self._settings, self._start_timeout)
+        if self.closing:
+            worker.close()
+            await worker.wait_closed(5.0)
+            raise asyncio.CancelledError
+        self.workers.append(worker)
+        self.pump()
+        return worker
+
+    def _replace_soon(self) -> None:
+        """Start a worker for a lost slot in the background, backing off if starts fail."""
+        if self.closing:
+            return
+        self._on_restart()
+        self._background_task(self._replace())
+
+    async def _replace(self) -> None:
+        while not self.closing:
+            try:
+                await self._start_worker()
+                self._start_failures = 0
+                return
+            except asyncio.CancelledError:
+                return
+            except OffloadError as exc:
+                self._start_failures += 1
+                delay = min(5.0, 0.05 * 2**self._start_failures) * (0.5 + random.random())
+                log.error("offload: %s; retrying in %.2f s", exc, delay)
+                if not self.workers and self._start_failures >= 3:
+                    self._fail_queued(
+                        WorkerStartFailed(
+                            f"no {self.kind} worker could be started ({exc}); "
+                            "the queued tasks cannot run"
+                        )
+                    )
+                await asyncio.sleep(delay)
+
+    def _background_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self, grace: float) -> None:
+        """Stop taking work, close every worker (waiting up to ``grace`` s), reap them."""
+        self.closing = True
+        for task in list(self._background):
+            task.cancel()
+        workers = self.workers + list(self._retiring)
+        self.workers = []
+        for worker in workers:
+            worker.close()
+        await asyncio.gather(*(w.wait_closed(max(grace, 0.5)) for w in workers))
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    @property
+    def ready_workers(self) -> int:
+        return sum(1 for w in self.workers if not w.retired)
+
+    @property
+    def holding(self) -> int:
+        """Jobs the workers hold that still wait for their outcome."""
+        return sum(1 for w in self.workers for j in w.inflight if j.state is JobState.SENT)
+
+    def has_idle_worker(self) -> bool:
+        return any(not w.retired and not w.inflight for w in self.workers)
+
+    def submit(self, job: Job) -> None:
+        self.queue.push(job)
+        self.pump()
+
+    def pump(self) -> None:
+        """Hand waiting jobs to workers with room, highest priority first."""
+        queue = self.queue
+        while len(queue):
+            worker = self._worker_with_room()
+            if worker is None:
+                return
+            job = queue.pop()
+            if job is None:
+                return
+            job.state = JobState.SENT
+            worker.submit(job)
+
+    def _worker_with_room(self) -> Worker | None:
+        # An idle worker first; else one running a single job may hold one more behind it
+        # (CPython's EXTRA_QUEUED_CALLS idea: the next job is already there when it finishes).
+        behind: Worker | None = None
+        for worker in self.workers:
+            if worker.retired:
+                continue
+            held = len(worker.inflight)
+            if held == 0:
+                return worker
+            if held == 1 and behind is None:
+                behind = worker
+        return behind
+
+    def stop(self, job: Job, reason: str) -> None:
+        """Stop a job that its caller gave up on (``reason``: "timeout" or "cancelled")."""
+        if job.state is JobState.QUEUED:
+            self.queue.discard(job)
+            self._settle_stopped(job, reason)
+            return
+        worker = job.worker
+        if job.state is not JobState.SENT or worker is None:
+            return
+        if worker.inflight and worker.inflight[0] is job:
+            job.stopping = reason
+            worker.stop_running(job)
+            if isinstance(worker, InterpreterWorker):
+                # The caller hears at once; the interrupt should stop the call soon after.
+                self._settle_stopped(job, reason)
+                loop = asyncio.get_running_loop()
+                loop.call_later(self._interrupt_grace, self._quarantine_if_stuck, worker, job)
+            # A process worker is being killed: on_lost settles the job once it is reaped.
+        else:
+            worker.cancel_waiting(job)  # it answers CANCELLED (or a result, ignored)
+            self._settle_stopped(job, reason)
+
+    def _settle_stopped(self, job: Job, reason: str) -> None:
+        if reason == "timeout":
+            self._ledger.settle(job, error=self._ledger.timeout_error(job))
+        else:
+            self._ledger.settle(job, error=asyncio.CancelledError())
+
+    def _quarantine_if_stuck(self, worker: InterpreterWorker, job: Job) -> None:
+        if worker.retired or not worker.inflight or worker.inflight[0] is not job:
+            return  # the interrupt worked: the worker answered and goes on
+        log.warning(
+            "offload: %s did not stop within %.2f s (blocked in C code?); quarantined until "
+            "its call returns, a fresh interpreter takes its slot",
+            worker.ident,
+            self._interrupt_grace,
+        )
+        worker.quarantine()
+        self._retire(worker)
+        self._background_task(self._forget_when_gone(worker))
+
+    async def _forget_when_gone(self, worker: Worker) -> None:
+        await worker.wait_closed(float("inf"))
+        self._retiring.discard(worker)
+
+    # -- answers and losses ----------------------------------------------------------------
+
+    def on_answer(
+        self, worker: Worker, task_id: int, tag: int, payload: memoryview, seconds: float
+    ) -> None:
+        if not worker.inflight or worker.inflight[0].wire_id != task_id:
+            log.error("offload: %s answered out of order; replacing it", worker.ident)
+            if isinstance(worker, ProcessWorker):
+                worker.kill()
+            return
+        job = worker.inflight.popleft()
+        worker.tasks_done += 1
+        if job.state is JobState.SENT:
+            if job.stopping == "timeout":
+                self._ledger.settle(job, error=self._ledger.timeout_error(job), run=seconds)
+            elif tag == wire.INTERRUPTED or tag == wire.CANCELLED:
+                self._ledger.settle(job, error=asyncio.CancelledError(), run=seconds)
+            else:
+                try:
+                    result = decode_answer(tag, payload, self.kind, job.task_id)
+                except BaseException as exc:
+                    self._ledger.settle(job, error=exc, run=seconds)
+                else:
+                    self._ledger.settle(job, result=result, run=seconds)
+        self.pump()
+
+    def on_lost(self, worker: Worker) -> None:
+        """A worker's pipe closed: it died, or was killed to stop its task."""
+        self._retire(worker)
+        if isinstance(worker, ProcessWorker):
+            self._background_task(self._after_exit(worker))
+
+    def _retire(self, worker: Worker) -> None:
+        """Take ``worker`` out of service: requeue what waits behind its task, refill its slot."""
+        if worker in self.workers:
+            self.workers.remove(worker)
+        self._retiring.add(worker)
+        held = list(worker.inflight)
+        worker.inflight.clear()
+        if held:
+            worker.inflight.append(held[0])  # settled when the worker is gone (see _after_exit)
+        self._requeue([job for job in held[1:] if job.state is JobState.SENT])
+        self._replace_soon()
+        self.pump()
+
+    def _requeue(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            job.worker = None
+            self.queue.push(job)
+
+    async def _after_exit(self, worker: ProcessWorker) -> None:
+        """Once the dead process is reaped, give its running job its outcome."""
+        await worker.wait_exited()
+        self._retiring.discard(worker)
+        running = worker.inflight.popleft() if worker.inflight else None
+        if running is None or running.state is not JobState.SENT:
+            return
+        if running.stopping == "timeout":
+            self._ledger.settle(running, error=self._ledger.timeout_error(running))
+        elif running.stopping is not None:
+            self._ledger.settle(running, error=asyncio.CancelledError())
+        elif self.closing:
+            return  # shutdown settles it
+        else:
+            self._ledger.settle(
+                running,
+                error=WorkerCrashed(
+                    f"the {self.kind} worker ({worker.ident}) died while running this "
+                    f"task{worker.exit_note()}; it was replaced",
+                    task_id=running.task_id,
+                ),
+            )
+
+    def _fail_queued(self, error: OffloadError) -> None:
+        for job in self.queue.drain():
+            self._ledger.settle(job, error=error)
+
+    def all_jobs(self) -> list[Job]:
+        """Every job still waiting for its outcome: queued, or held by a worker."""
+        held = [j for w in (*self.workers, *self._retiring) for j in w.inflight]
+        return [j for j in held if j.state is JobState.SENT] + self.queue.waiting()

@@ -1,0 +1,190 @@
+"""Tasks as users write them: ``Task``, ``Priority``, and the registry of named task types."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, TypeVar
+
+from .errors import InvalidTask, UnknownTask
+
+__all__ = ("Priority", "PriorityLike", "RegisteredTask", "Task", "registered", "task")
+
+KindName = Literal["process", "interpreter", "dask"]
+ALL_KINDS: Final = frozenset({"process", "interpreter", "dask"})
+
+
+class Priority(enum.IntEnum):
+    """Queue order: every waiting ``HIGH`` task starts before any ``NORMAL``, then ``LOW``."""
+
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+
+PriorityLike = Priority | Literal["high", "normal", "low"]
+
+
+def coerce_priority(value: object) -> Priority:
+    """``"high"``, ``Priority.HIGH`` -> ``Priority.HIGH``; anything else is ``INVALID_TASK``."""
+    if isinstance(value, Priority):
+        return value
+    if isinstance(value, str):
+        try:
+            return Priority[value.upper()]
+        except KeyError:
+            pass
+    raise InvalidTask(f"priority must be 'high', 'normal' or 'low', not {value!r}")
+
+
+def coerce_timeout(value: object) -> float | None:
+    """A timeout in seconds: ``None`` (no deadline) or a finite number > 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidTask(f"timeout must be a number of seconds or None, not {type(value).__name__}")
+    if math.isnan(value) or value <= 0:
+        raise InvalidTask(f"timeout must be > 0 seconds, not {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A callable and its arguments, with queue options.
+
+    >>> Task(pow, args=(2, 10), priority="high", timeout=5.0).priority
+    <Priority.HIGH: 0>
+
+    ``fn`` must be picklable by reference (a module-level function or class), because it
+    runs in another process or interpreter.
+    """
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    priority: PriorityLike = Priority.NORMAL
+    timeout: float | None = None
+    #: Free-form identifier echoed in errors (``OffloadError.task_id``) and stats.
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise InvalidTask(f"Task.fn must be callable, not {type(self.fn).__name__}")
+        if not isinstance(self.args, tuple):
+            object.__setattr__(self, "args", tuple(self.args))
+        object.__setattr__(self, "priority", coerce_priority(self.priority))
+        object.__setattr__(self, "timeout", coerce_timeout(self.timeout))
+
+    def __repr__(self) -> str:
+        # Never show argument values: they may hold secrets.
+        name = getattr(self.fn, "__qualname__", repr(self.fn))
+        return (
+            f"Task({name}, args=<{len(self.args)}>, priority={self.priority!s}, "
+            f"timeout={self.timeout!r}, id={self.id!r})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredTask:
+    """A named task type: what ``{"type": name, "data": ...}`` runs, and where it may run."""
+
+    name: str
+    fn: Callable[[Any], Any]
+    kinds: frozenset[str]
+    why_not: str = ""  # why some kinds are excluded, shown in the routing error
+
+
+_registry: dict[str, RegisteredTask] = {}
+
+F = TypeVar("F", bound=Callable[[Any], Any])
+
+
+def task(
+    name: str, *, kinds: tuple[KindName, ...] | None = None, why_not: str = ""
+) -> Callable[[F], F]:
+    """Register ``fn`` as the task type ``name``; it receives the dict task's ``data``.
+
+    >>> import offload
+    >>> @offload.task("demo:double")
+    ... def double(data):
+    ...     return data * 2
+
+    Then ``await wm.execute_task({"type": "demo:double", "data": 21})`` returns ``42``.
+    The registry is an allow-list: only registered names run, never a dotted path from
+    request data. ``kinds`` limits the worker kinds the type can run on (for example
+    ``("process",)`` when it imports a module that refuses to load in a subinterpreter).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError("a task type name must be a non-empty string")
+    allowed = frozenset(kinds) if kinds is not None else ALL_KINDS
+    if not allowed <= ALL_KINDS:
+        raise ValueError(f"unknown worker kinds {sorted(allowed - ALL_KINDS)}")
+
+    def register(fn: F) -> F:
+        qualname = getattr(fn, "__qualname__", "")
+        if "<locals>" in qualname or "<lambda>" in qualname:
+            raise ValueError(
+                f"task {name!r}: {qualname} cannot be pickled by reference; "
+                "register a module-level function"
+            )
+        existing = _registry.get(name)
+        if existing is not None and existing.fn is not fn and _ident(existing.fn) != _ident(fn):
+            raise ValueError(f"task type {name!r} is already registered to {_ident(existing.fn)}")
+        _registry[name] = RegisteredTask(name, fn, allowed, why_not)
+        return fn
+
+    return register
+
+
+def _ident(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}"
+
+
+def registered(name: str) -> RegisteredTask:
+    """The registered type ``name``, or ``UnknownTask``."""
+    try:
+        return _registry[name]
+    except KeyError:
+        raise UnknownTask(
+            f"no task type {name!r} is registered; register one with @offload.task({name!r})"
+        ) from None
+
+
+def registered_names() -> list[str]:
+    """Every registered type name, sorted."""
+    return sorted(_registry)
+
+
+_DICT_KEYS: Final = frozenset({"id", "type", "data", "priority", "timeout"})
+
+
+def task_from_dict(spec: Mapping[str, Any]) -> tuple[Task, RegisteredTask]:
+    """Turn ``{"id", "type", "data", "priority", "timeout"}`` into a ``Task``."""
+    raw_id = spec.get("id")
+    task_id = None if raw_id is None else str(raw_id)
+    extra = set(spec) - _DICT_KEYS
+    if extra:
+        raise InvalidTask(
+            f"unknown keys {sorted(extra)}; a dict task takes {sorted(_DICT_KEYS)}",
+            task_id=task_id,
+        )
+    name = spec.get("type")
+    if not isinstance(name, str) or not name:
+        raise InvalidTask("a dict task needs a 'type' naming a registered task", task_id=task_id)
+    try:
+        entry = registered(name)
+        return (
+            Task(
+                entry.fn,
+                args=(spec.get("data"),),
+                priority=spec.get("priority", Priority.NORMAL),
+                timeout=spec.get("timeout"),
+                id=task_id,
+            ),
+            entry,
+        )
+    except (InvalidTask, UnknownTask) as exc:
+        exc.task_id = task_id
+        raise

@@ -1,0 +1,309 @@
+"""The worker side of offload's transport: a loop that runs tasks sent over a pipe.
+
+This file imports only the standard library and nothing from ``offload``: it runs as a script
+in a worker process (``python -P _worker.py RFD WFD CFD``) and is executed by path inside a
+subinterpreter, so a worker starts without paying for the parent package's imports.
+
+Wire format, both directions: a fixed header ``<QBQd`` (task id, tag, payload length, run
+seconds) followed by the payload. Parent -> worker: ``INIT`` (settings), ``RUN`` (a pickled
+``(fn, args, kwargs)``), ``CANCEL`` (skip a task that has not started). Worker -> parent:
+``READY`` then one answer per ``RUN``, in order. A third pipe, the control pipe, carries
+interrupt requests (interpreter workers) and is the worker's lifeline: when the parent goes
+away, its end closes and a process worker exits at once.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import select
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Any
+
+HEADER = struct.Struct("<QBQd")
+
+# parent -> worker
+INIT = 1
+RUN = 2
+CANCEL = 3
+# worker -> parent
+READY = 10
+OK = 11  # payload: the pickled result
+RAISED = 12  # payload: pickled (exception pickle or None, type name, message, traceback text)
+RESULT_NOT_SERIALIZABLE = 13  # payload: pickled (type name, message)
+RESULT_TOO_LARGE = 14  # payload: pickled size in bytes
+LOAD_FAILED = 15  # the task could not be unpickled here; payload as RAISED
+CANCELLED = 16  # a CANCEL arrived before the task started
+INTERRUPTED = 17  # the running task was stopped by an interrupt (interpreter workers)
+
+PICKLE_PROTOCOL = 5
+_READ_CHUNK = 1 << 20
+
+
+class _Interrupted(BaseException):
+    """Raised asynchronously in the running task to stop it (interpreter workers)."""
+
+
+class _Unpickler(pickle.Unpickler):
+    """Loads the parent's ``__main__`` as ``__mp_main__`` on first use, as multiprocessing does."""
+
+    main: tuple[str, str] | None = None  # ("path", file) or ("module", name)
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__main__":
+            module = "__mp_main__"
+            if module not in sys.modules:
+                _load_main(self.main)
+        return super().find_class(module, name)
+
+
+def _load_main(main: tuple[str, str] | None) -> None:
+    import importlib.util
+
+    if main is None:
+        raise ImportError(
+            "the task refers to __main__, but the caller's __main__ is not a file or module "
+            "(interactive or -c); define task functions in an importable module"
+        )
+    how, where = main
+    if how == "path":
+        spec = importlib.util.spec_from_file_location("__mp_main__", where)
+    else:
+        spec = importlib.util.find_spec(where)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load the caller's main module {where!r}")
+    module = importlib.util.module_from_spec(spec)
+    module.__name__ = "__mp_main__"  # so its `if __name__ == "__main__":` block does not run
+    sys.modules["__mp_main__"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["__mp_main__"]
+        raise
+
+
+def loads(data: bytes | memoryview) -> Any:
+    return _Unpickler(io.BytesIO(data)).load()
+
+
+class _Channel:
+    """Frames over a pair of pipe file descriptors (blocking, this side)."""
+
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.rfd = rfd
+        self.wfd = wfd
+        self.buffer = bytearray()
+        self.frames: deque[tuple[int, int, memoryview]] = deque()
+        self.eof = False
+
+    def _fill(self, block: bool) -> None:
+        if not block and not select.select([self.rfd], [], [], 0)[0]:
+            return
+        chunk = os.read(self.rfd, _READ_CHUNK)
+        if not chunk:
+            self.eof = True
+            return
+        self.buffer += chunk
+        self._parse()
+
+    def _parse(self) -> None:
+        buf = self.buffer
+        start = 0
+        size = HEADER.size
+        while len(buf) - start >= size:
+            task_id, tag, length, _ = HEADER.unpack_from(buf, start)
+            end = start + size + length
+            if len(buf) < end:
+                break
+            self.frames.append((task_id, tag, memoryview(bytes(buf[start + size : end]))))
+            start = end
+        if start:
+            del buf[:start]
+
+    def receive(self) -> tuple[int, int, memoryview] | None:
+        """The next frame, blocking; ``None`` when the parent closed the pipe."""
+        while not self.frames:
+            if self.eof:
+                return None
+            self._fill(block=True)
+        self.poll()
+        return self.frames.popleft()
+
+    def poll(self) -> None:
+        """Take in whatever has already arrived, without blocking (to see cancels early)."""
+        while not self.eof:
+            before = len(self.frames), len(self.buffer)
+            self._fill(block=False)
+            if (len(self.frames), len(self.buffer)) == before:
+                return
+
+    def send(self, task_id: int, tag: int, payload: bytes = b"", seconds: float = 0.0) -> None:
+        data = HEADER.pack(task_id, tag, len(payload), seconds) + payload
+        view = memoryview(data)
+        while view:
+            written = os.write(self.wfd, view)
+            view = view[written:]
+
+
+def _describe(exc: BaseException) -> tuple[str, str]:
+    kind = type(exc)
+    return f"{kind.__module__}.{kind.__qualname__}", str(exc)
+
+
+def _raised_payload(exc: BaseException) -> bytes:
+    type_name, message = _describe(exc)
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        exc_bytes: bytes | None = pickle.dumps(exc, PICKLE_PROTOCOL)
+    except BaseException:
+        exc_bytes = None
+    return pickle.dumps((exc_bytes, type_name, message, tb), PICKLE_PROTOCOL)
+
+
+class _Interrupter:
+    """Watches the control pipe: interrupt requests, and the parent going away.
+
+    Inside a subinterpreter, ``PyThreadState_SetAsyncExc`` called from this thread reaches the
+    interpreter's running thread (called from the main interpreter it does nothing). A task
+    blocked in C code is not reached; the parent then quarantines this interpreter.
+    """
+
+    def __init__(self, ctl_fd: int, exit_on_eof: bool) -> None:
+        self.ctl_fd = ctl_fd
+        self.exit_on_eof = exit_on_eof
+        self.lock = threading.Lock()
+        self.running: int | None = None
+        self.requested: int | None = None
+        self.target = threading.get_ident()
+        self.thread = threading.Thread(target=self._watch, name="offload-watch", daemon=False)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                data = os.read(self.ctl_fd, 8)
+            except OSError:
+                data = b""
+            if len(data) < 8:
+                if self.exit_on_eof:
+                    os._exit(0)  # the parent is gone: never outlive it
+                return
+            (task_id,) = struct.unpack("<Q", data)
+            with self.lock:
+                if self.running == task_id:
+                    self.requested = task_id
+                    _set_async_exc(self.target, _Interrupted)
+
+    def started(self, task_id: int) -> None:
+        with self.lock:
+            self.running = task_id
+
+    def finished(self) -> None:
+        with self.lock:
+            self.running = None
+            if self.requested is not None:
+                self.requested = None
+                _set_async_exc(self.target, None)  # drop an interrupt that came too late
+
+
+def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> None:
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc is not None else None
+    )
+
+
+def serve(
+    rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any = None
+) -> None:
+    """Run tasks until the parent closes the task pipe (or, in a process, the control pipe).
+
+    ``stop_flag`` (interpreter workers) is a one-byte buffer shared with the parent: once it is
+    set, the parent has given this worker's waiting tasks to another worker, so none may run.
+    """
+    stop = memoryview(stop_flag) if stop_flag is not None else None
+    channel = _Channel(rfd, wfd)
+    first = channel.receive()
+    if first is None or first[1] != INIT:
+        return
+    settings: dict[str, Any] = pickle.loads(first[2])
+    sys.path[:] = settings["sys_path"]
+    _Unpickler.main = settings.get("main")
+    max_payload: int = settings["max_payload"]
+    interrupter = _Interrupter(ctl_fd, exit_on_eof=in_process)
+    channel.send(0, READY, pickle.dumps({"pid": os.getpid()}))
+    last_started = 0
+    cancelled: set[int] = set()
+    try:
+        while True:
+            frame = channel.receive()
+            if frame is None or (stop is not None and stop[0]):
+                return
+            task_id, tag, payload = frame
+            if tag == CANCEL:
+                if task_id > last_started:
+                    cancelled.add(task_id)
+                continue
+            if task_id in cancelled:
+                cancelled.discard(task_id)
+                channel.send(task_id, CANCELLED)
+                continue
+            last_started = task_id
+            _run_one(channel, interrupter, task_id, payload, max_payload)
+    finally:
+        if not in_process:
+            interrupter.thread.join()  # ends when the parent closes the control pipe
+
+
+def _run_one(
+    channel: _Channel, interrupter: _Interrupter, task_id: int, payload: memoryview, limit: int
+) -> None:
+    try:
+        fn, args, kwargs = loads(payload)
+    except BaseException as exc:
+        channel.send(task_id, LOAD_FAILED, _raised_payload(exc))
+        return
+    del payload
+    started = time.perf_counter()
+    try:
+        try:
+            interrupter.started(task_id)
+            result = fn(*args, **kwargs)
+        finally:
+            interrupter.finished()
+    except _Interrupted:
+        channel.send(task_id, INTERRUPTED, b"", time.perf_counter() - started)
+        return
+    except BaseException as exc:
+        elapsed = time.perf_counter() - started
+        channel.send(task_id, RAISED, _raised_payload(exc), elapsed)
+        return
+    elapsed = time.perf_counter() - started
+    del fn, args, kwargs
+    try:
+        data = pickle.dumps(result, PICKLE_PROTOCOL)
+    except BaseException as exc:
+        channel.send(
+            task_id, RESULT_NOT_SERIALIZABLE, pickle.dumps(_describe(exc)), elapsed
+        )
+        return
+    if len(data) > limit:
+        channel.send(task_id, RESULT_TOO_LARGE, pickle.dumps(len(data)), elapsed)
+        return
+    channel.send(task_id, OK, data, elapsed)
+
+
+def main(argv: list[str]) -> None:
+    rfd, wfd, ctl_fd = (int(arg) for arg in argv[1:4])
+    serve(rfd, wfd, ctl_fd, in_process=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

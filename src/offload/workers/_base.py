@@ -1,0 +1,172 @@
+"""What every worker kind shares: pipes, the READY handshake, the line of jobs it holds."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import os
+import pickle
+from collections import deque
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .. import _worker as wire
+from .._connection import Connection, grow_pipe
+from ..errors import WorkerStartFailed
+
+if TYPE_CHECKING:
+    from .._queue import Job
+
+__all__ = ("Worker", "WorkerEvents")
+
+
+class WorkerEvents(Protocol):
+    """How a worker reports to its pool."""
+
+    def on_answer(
+        self, worker: Worker, task_id: int, tag: int, payload: memoryview, seconds: float
+    ) -> None: ...
+
+    def on_lost(self, worker: Worker) -> None: ...
+
+
+class Worker(abc.ABC):
+    """One worker: a process or an interpreter, running one task at a time, in order.
+
+    ``inflight`` holds what it was sent: the first job is running (or about to), at most one
+    more waits behind it. Answers come back in the same order.
+    """
+
+    kind: str = ""
+
+    def __init__(self, events: WorkerEvents, number: int) -> None:
+        self.events = events
+        self.number = number
+        self.inflight: deque[Job] = deque()
+        self.connection: Connection | None = None
+        self.ready = False
+        self.retired = False  # no longer takes work (being replaced, stopped or gone)
+        self.tasks_done = 0
+        self._next_wire_id = 0
+        self._ready_future: asyncio.Future[dict[str, Any]] | None = None
+        self._control_fd = -1
+
+    @property
+    @abc.abstractmethod
+    def ident(self) -> str:
+        """A short identity for messages: ``pid 1234`` or ``interpreter 3``."""
+
+    # -- start -----------------------------------------------------------------------------
+
+    async def start(self, settings: dict[str, Any], timeout: float) -> None:
+        """Launch, send the settings, and wait for READY within ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        to_worker_r, to_worker_w = os.pipe()
+        from_worker_r, from_worker_w = os.pipe()
+        control_r, control_w = os.pipe()
+        grow_pipe(to_worker_w)
+        grow_pipe(from_worker_w)
+        child_fds = (to_worker_r, from_worker_w, control_r)
+        self._ready_future = loop.create_future()
+        self.connection = Connection(
+            loop, to_worker_w, from_worker_r, self._on_frame, self._on_connection_lost
+        )
+        self._control_fd = control_w
+        try:
+            await self._launch(*child_fds)
+        except BaseException:
+            self.connection.close()
+            os.close(control_w)
+            self._control_fd = -1
+            raise
+        finally:
+            self._after_launch(child_fds)
+        self.connection.send(0, wire.INIT, pickle.dumps(settings, wire.PICKLE_PROTOCOL))
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ready_future
+        except TimeoutError:
+            await self.kill_and_wait()
+            raise WorkerStartFailed(
+                f"{self.kind} worker {self.ident} did not become ready within {timeout:g} s"
+            ) from None
+        except WorkerStartFailed:
+            await self.kill_and_wait()
+            raise
+        self.ready = True
+
+    @abc.abstractmethod
+    async def _launch(self, task_r: int, answer_w: int, control_r: int) -> None:
+        """Start the process or interpreter on the worker's ends of the three pipes."""
+
+    def _after_launch(self, child_fds: tuple[int, int, int]) -> None:
+        """Close the worker's pipe ends here once it has them (processes: always)."""
+        for fd in child_fds:
+            os.close(fd)
+
+    def _on_frame(self, task_id: int, tag: int, payload: memoryview, seconds: float) -> None:
+        if tag == wire.READY:
+            if self._ready_future is not None and not self._ready_future.done():
+                self._ready_future.set_result(pickle.loads(payload))
+            return
+        self.events.on_answer(self, task_id, tag, payload, seconds)
+
+    def _on_connection_lost(self) -> None:
+        if self._ready_future is not None and not self._ready_future.done():
+            self._ready_future.set_exception(
+                WorkerStartFailed(
+                    f"{self.kind} worker {self.ident} exited during start-up{self.exit_note()}"
+                )
+            )
+            return
+        self.retired = True
+        self.events.on_lost(self)
+
+    # -- work ------------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        assert self.connection is not None
+        self._next_wire_id += 1
+        job.wire_id = self._next_wire_id
+        job.worker = self
+        self.inflight.append(job)
+        self.connection.send(job.wire_id, wire.RUN, job.payload)
+
+    def cancel_waiting(self, job: Job) -> None:
+        """Ask the worker to skip ``job``, sent but not started; it answers ``CANCELLED``."""
+        if self.connection is not None:
+            self.connection.send(job.wire_id, wire.CANCEL)
+
+    @abc.abstractmethod
+    def stop_running(self, job: Job) -> None:
+        """Stop ``job``, which this worker is running now (deadline or caller cancelled)."""
+
+    def interrupt(self, job: Job) -> None:
+        """Send an interrupt request for ``job`` down the control pipe."""
+        if self._control_fd >= 0:
+            try:
+                os.write(self._control_fd, job.wire_id.to_bytes(8, "little"))
+            except OSError:
+                pass
+
+    # -- stop ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the pipes: an idle worker exits on its own."""
+        self.retired = True
+        if self.connection is not None:
+            self.connection.close()
+        if self._control_fd >= 0:
+            os.close(self._control_fd)
+            self._control_fd = -1
+
+    @abc.abstractmethod
+    async def wait_closed(self, timeout: float) -> None:
+        """Wait for the worker to end after ``close``; force it after ``timeout`` if possible."""
+
+    @abc.abstractmethod
+    async def kill_and_wait(self) -> None:
+        """End the worker now (as far as its kind allows) and wait until it is gone."""
+
+    def exit_note(self) -> str:
+        """How the worker ended, for messages (``" (killed by SIGSEGV)"``), if known."""
+        return ""

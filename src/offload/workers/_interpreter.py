@@ -1,0 +1,142 @@
+"""Interpreter workers (Python 3.13+): a subinterpreter with its own GIL, in its own thread.
+
+The thread enters the interpreter once and stays in offload's worker loop, so a task costs
+two pipe wake-ups and no per-call ``exec``, and the event loop's thread never runs
+interpreter code. Stopping a running task sends an interrupt down the control pipe: a
+watcher thread inside the interpreter raises an exception in the task (pure-Python code
+stops within milliseconds; code blocked in C runs on until it returns, see the pool's
+quarantine). ``os._exit`` or a segfault in a task ends the whole process: use process workers
+for code that may crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+from .. import _worker as wire
+from ..errors import UnsupportedKind
+from ._base import Worker
+
+if TYPE_CHECKING:
+    from .._queue import Job
+
+__all__ = ("InterpreterWorker", "interpreters_available")
+
+_BOOT = """\
+import sys
+_path = {path!r}
+_ns = {{"__name__": "__offload_worker__", "__file__": _path}}
+with open(_path, "rb") as _f:
+    exec(compile(_f.read(), _path, "exec"), _ns)
+_ns["serve"]({task_r}, {answer_w}, {control_r}, in_process=False, stop_flag=stop_flag)
+"""
+
+
+def interpreters_available() -> None:
+    """Raise ``UnsupportedKind`` unless this Python can run interpreter workers."""
+    if sys.version_info < (3, 13):
+        raise UnsupportedKind(
+            'kind="interpreter" needs Python 3.13 or newer (subinterpreters with their own GIL); '
+            f'this is Python {sys.version_info.major}.{sys.version_info.minor}: use kind="process"'
+        )
+    try:
+        import _interpreters  # noqa: F401
+    except ImportError:
+        raise UnsupportedKind(
+            'kind="interpreter": this Python build has no _interpreters module; '
+            'use kind="process"'
+        ) from None
+
+
+class InterpreterWorker(Worker):
+    """A subinterpreter driven by a dedicated thread, never by the event loop's thread."""
+
+    kind = "interpreter"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.interpreter_id: int | None = None
+        self.stop_flag = bytearray(1)  # set: give nothing more to run (see _worker.serve)
+        self._done: asyncio.Future[None] | None = None
+        self.failure = ""
+
+    @property
+    def ident(self) -> str:
+        return f"interpreter #{self.number}"
+
+    async def _launch(self, task_r: int, answer_w: int, control_r: int) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._done = done
+        boot = _BOOT.format(
+            path=wire.__file__, task_r=task_r, answer_w=answer_w, control_r=control_r
+        )
+
+        def host() -> None:
+            try:
+                self._host(boot)
+            finally:
+                for fd in (task_r, answer_w, control_r):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                    loop.call_soon_threadsafe(_set_done, done)
+
+        threading.Thread(target=host, name=f"offload-interpreter-{self.number}").start()
+
+    def _host(self, boot: str) -> None:
+        import _interpreters
+
+        try:
+            interp = _interpreters.create("isolated")
+        except Exception as exc:
+            self.failure = f"could not create a subinterpreter: {exc}"
+            return
+        self.interpreter_id = interp
+        try:
+            _interpreters.exec(interp, "import _interpreters")
+            _interpreters.set___main___attrs(interp, {"stop_flag": memoryview(self.stop_flag)})
+            error = _interpreters.exec(interp, boot)
+            if error is not None:
+                self.failure = str(getattr(error, "formatted", error))
+        finally:
+            with contextlib.suppress(Exception):
+                _interpreters.destroy(interp)
+
+    def _after_launch(self, child_fds: tuple[int, int, int]) -> None:
+        pass  # the host thread closes the worker's ends when the interpreter is done
+
+    def stop_running(self, job: Job) -> None:
+        self.interrupt(job)
+
+    def quarantine(self) -> None:
+        """Run nothing more (what waits here is requeued elsewhere); end after the current call."""
+        self.retired = True
+        self.stop_flag[0] = 1
+        self.close()
+
+    async def wait_closed(self, timeout: float) -> None:
+        if self._done is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._done)
+
+    async def kill_and_wait(self) -> None:
+        # An interpreter cannot be killed: stop giving it work and let its call end.
+        self.quarantine()
+        if self._done is not None:
+            await asyncio.shield(self._done)
+
+    def exit_note(self) -> str:
+        return f" ({self.failure.strip().splitlines()[-1]})" if self.failure else ""
+
+
+def _set_done(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
