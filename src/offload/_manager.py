@@ -213,7 +213,6 @@ class WorkerManager:
                         "the manager shut down before this task finished", task_id=job.task_id
                     ),
                 )
-            pool.queue.drain()
         await self._close_pools(0.0)
         self._state = _State.CLOSED
         assert self._closed_event is not None
@@ -285,7 +284,7 @@ class WorkerManager:
         return "the manager is shut down and takes no more tasks"
 
     async def _submit(self, task: Task, pool: Pool) -> Any:
-        if len(pool.queue) >= self.max_queue and not pool.has_idle_worker():
+        if len(pool.queue) >= self.max_queue and not pool.has_room():
             self._stats.rejected += 1
             raise QueueFull(
                 f"{len(pool.queue)} tasks are already waiting (max_queue={self.max_queue}); "
@@ -357,6 +356,8 @@ class WorkerManager:
         """Give ``job`` its one outcome (later calls for the same job do nothing)."""
         if job.state is JobState.DONE:
             return
+        if job.state is JobState.QUEUED:
+            self._pools[job.route].queue.discard(job)
         job.state = JobState.DONE
         if job.deadline_handle is not None:
             job.deadline_handle.cancel()

@@ -151,8 +151,9 @@ class Pool:
         """Jobs the workers hold that still wait for their outcome."""
         return sum(1 for w in self.workers for j in w.inflight if j.state is JobState.SENT)
 
-    def has_idle_worker(self) -> bool:
-        return any(not w.retired and not w.inflight for w in self.workers)
+    def has_room(self) -> bool:
+        """A worker can take one more job now (so a new job would not wait in the queue)."""
+        return self._worker_with_room() is not None
 
     def submit(self, job: Job) -> None:
         self.queue.push(job)
@@ -188,8 +189,7 @@ class Pool:
     def stop(self, job: Job, reason: str) -> None:
         """Stop a job that its caller gave up on (``reason``: "timeout" or "cancelled")."""
         if job.state is JobState.QUEUED:
-            self.queue.discard(job)
-            self._settle_stopped(job, reason)
+            self._settle_stopped(job, reason)  # settling takes it out of the queue
             return
         worker = job.worker
         if job.state is not JobState.SENT or worker is None:

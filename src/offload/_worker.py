@@ -100,6 +100,8 @@ class _Channel:
         self.wfd = wfd
         self.buffer = bytearray()
         self.frames: deque[tuple[int, int, memoryview]] = deque()
+        self.cancelled: set[int] = set()  # tasks to skip (CANCEL frames are taken in here)
+        self.last_started = 0
         self.eof = False
 
     def _fill(self, block: bool) -> None:
@@ -121,7 +123,11 @@ class _Channel:
             end = start + size + length
             if len(buf) < end:
                 break
-            self.frames.append((task_id, tag, memoryview(bytes(buf[start + size : end]))))
+            if tag == CANCEL:
+                if task_id > self.last_started:
+                    self.cancelled.add(task_id)
+            else:
+                self.frames.append((task_id, tag, memoryview(bytes(buf[start + size : end]))))
             start = end
         if start:
             del buf[:start]
@@ -239,23 +245,17 @@ def serve(
     max_payload: int = settings["max_payload"]
     interrupter = _Interrupter(ctl_fd, exit_on_eof=in_process)
     channel.send(0, READY, pickle.dumps({"pid": os.getpid()}))
-    last_started = 0
-    cancelled: set[int] = set()
     try:
         while True:
             frame = channel.receive()
             if frame is None or (stop is not None and stop[0]):
                 return
             task_id, tag, payload = frame
-            if tag == CANCEL:
-                if task_id > last_started:
-                    cancelled.add(task_id)
-                continue
-            if task_id in cancelled:
-                cancelled.discard(task_id)
+            if task_id in channel.cancelled:
+                channel.cancelled.discard(task_id)
                 channel.send(task_id, CANCELLED)
                 continue
-            last_started = task_id
+            channel.last_started = task_id
             _run_one(channel, interrupter, task_id, payload, max_payload)
     finally:
         if not in_process:

@@ -19,22 +19,24 @@ __all__ = (
     "as_bytes",
     "check_int",
     "optional_import",
+    "shown",
     "unpack",
 )
 
 #: Worker kinds for tasks whose dependency refuses to load in an isolated subinterpreter.
 PROCESS_KINDS: Final = ("process", "dask")
 
+# Why a type is not declared for interpreter workers (the manager adds what to do about it).
 NEEDS_CRYPTOGRAPHY: Final = (
-    "it needs the 'cryptography' package, whose Rust extension refuses to load in an isolated "
-    "subinterpreter; run it on process workers: WorkerManager(kind='process'), or "
-    "WorkerManager(kind='interpreter', process_workers=1) to route it to a process worker"
+    "it needs 'cryptography', whose Rust extension refuses to load in an isolated subinterpreter"
 )
 NEEDS_ZSTANDARD: Final = (
-    "it needs the 'zstandard' package, whose C extension refuses to load in an isolated "
-    "subinterpreter; run it on process workers: WorkerManager(kind='process'), or "
-    "WorkerManager(kind='interpreter', process_workers=1) to route it to a process worker "
-    "(or use the gzip variant, which runs anywhere)"
+    "it needs 'zstandard', whose C extension refuses to load in an isolated subinterpreter; "
+    "compress:gzip/decompress:gzip run anywhere"
+)
+_REMEDY: Final = (
+    "use a WorkerManager(kind='process'); an interpreter manager with process_workers routes "
+    "only the process-only dict task types (jwt:*, crypto:encrypt/decrypt, *:zstd) to them"
 )
 
 
@@ -45,6 +47,7 @@ def optional_import(package: str, extra: str, why_not: str) -> Iterator[None]:
     Not installed -> ``ModuleNotFoundError`` naming the pip extra; installed but refusing to
     load here (a subinterpreter) -> ``UnsupportedKind`` saying what to do instead.
     """
+    missing: Exception
     try:
         yield
     except ModuleNotFoundError:
@@ -52,7 +55,9 @@ def optional_import(package: str, extra: str, why_not: str) -> Iterator[None]:
             f"this built-in task needs {package!r}: pip install 'offload[{extra}]'"
         )
     except ImportError:
-        missing = UnsupportedKind(f"this built-in task cannot run in this worker: {why_not}")
+        missing = UnsupportedKind(
+            f"this built-in task cannot run in this worker: {why_not}; {_REMEDY}"
+        )
     else:
         return
     raise missing
@@ -97,3 +102,10 @@ def check_int(value: object, field: str, low: int, high: int) -> int:
     if not low <= value <= high:
         raise InvalidInput(f"{field} must be between {low} and {high}, not {value}")
     return value
+
+
+def shown(name: str) -> str:
+    """``repr(name)`` if it looks like an algorithm name; else nothing (it may be a secret)."""
+    if len(name) <= 16 and name.replace("_", "").replace("-", "").isalnum():
+        return repr(name)
+    return "(value not shown)"

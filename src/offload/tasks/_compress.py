@@ -176,7 +176,9 @@ def _limit(value: object) -> int:
 @task("compress:zstd", kinds=PROCESS_KINDS, why_not=NEEDS_ZSTANDARD)
 def _compress_zstd_task(data: Any) -> bytes:
     args = unpack(data, "compress:zstd", ("data",), ("level", "dictionary"))
-    return compress_zstd(args["data"], level=args.get("level", 3), dictionary=args.get("dictionary"))
+    return compress_zstd(
+        args["data"], level=args.get("level", 3), dictionary=args.get("dictionary")
+    )
 
 
 @task("decompress:zstd", kinds=PROCESS_KINDS, why_not=NEEDS_ZSTANDARD)

@@ -20,6 +20,7 @@ from ._common import (
     as_bytes,
     check_int,
     optional_import,
+    shown,
     unpack,
 )
 
@@ -42,9 +43,7 @@ HASH_ALGORITHMS: Final = frozenset(
 
 
 @overload
-def digest(
-    data: bytes | str, *, algorithm: str = ..., output: Literal["hex"] = ...
-) -> str: ...
+def digest(data: bytes | str, *, algorithm: str = ..., output: Literal["hex"] = ...) -> str: ...
 @overload
 def digest(data: bytes | str, *, algorithm: str = ..., output: Literal["raw"]) -> bytes: ...
 def digest(
@@ -76,7 +75,7 @@ def _hash_name(algorithm: object) -> str:
     name = algorithm.strip().lower().replace("-", "_")
     if name not in HASH_ALGORITHMS:
         raise InvalidInput(
-            f"unsupported hash algorithm {algorithm[:40]!r}; use one of {sorted(HASH_ALGORITHMS)}"
+            f"unsupported hash algorithm {shown(algorithm)}; use one of {sorted(HASH_ALGORITHMS)}"
         )
     return name
 
@@ -162,7 +161,9 @@ def hash_password(
         if n is not None or r is not None or p is not None:
             raise InvalidInput("argon2id takes time_cost, memory_cost and parallelism")
         t_ = ARGON2_TIME if time_cost is None else check_int(time_cost, "time_cost", 1, 100)
-        lanes = ARGON2_LANES if parallelism is None else check_int(parallelism, "parallelism", 1, 64)
+        lanes = (
+            ARGON2_LANES if parallelism is None else check_int(parallelism, "parallelism", 1, 64)
+        )
         m_ = (
             ARGON2_MEMORY_KIB
             if memory_cost is None
@@ -236,7 +237,9 @@ def _check_scrypt_cost(n: int, r: int, p: int) -> None:
         raise InvalidInput("scrypt cost is too high (128*r*n must be at most 1 GiB)")
 
 
-def _argon2id(secret: bytes, salt: bytes, time_cost: int, memory_kib: int, lanes: int, length: int) -> bytes:
+def _argon2id(
+    secret: bytes, salt: bytes, time_cost: int, memory_kib: int, lanes: int, length: int
+) -> bytes:
     with optional_import("cryptography", "crypto", NEEDS_CRYPTOGRAPHY):
         from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
     kdf = Argon2id(

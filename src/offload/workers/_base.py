@@ -89,8 +89,8 @@ class Worker(abc.ABC):
             raise WorkerStartFailed(
                 f"{self.kind} worker {self.ident} did not become ready within {timeout:g} s"
             ) from None
-        except WorkerStartFailed:
-            await self.kill_and_wait()
+        except BaseException:  # failed or cancelled: never leave a half-started worker behind
+            await asyncio.shield(self.kill_and_wait())
             raise
         self.ready = True
 

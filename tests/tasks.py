@@ -1,0 +1,106 @@
+"""Task functions for the tests: module-level so workers can import them by reference."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import offload
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def echo(value: Any) -> Any:
+    return value
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def ident() -> tuple[int, int]:
+    """(process id, thread id): tells workers apart, interpreter workers included."""
+    return os.getpid(), threading.get_ident()
+
+
+def boom(message: str = "bad thing") -> None:
+    raise ValueError(message)
+
+
+def exit_now(code: int = 3) -> None:
+    os._exit(code)
+
+
+def segfault() -> None:
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def raise_system_exit() -> None:
+    raise SystemExit(4)
+
+
+class NeedsTwoArgs(Exception):
+    """An exception that pickles but cannot be rebuilt (its __init__ wants two arguments)."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def raise_unrebuildable() -> None:
+    raise NeedsTwoArgs("x", "y")
+
+
+def return_unpicklable() -> Any:
+    return threading.Lock()
+
+
+def spin(seconds: float) -> float:
+    """Pure-Python busy loop (interruptible in a subinterpreter)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return seconds
+
+
+def cpu_work(seconds: float) -> float:
+    """Busy loop; returns the thread CPU time it used."""
+    start = time.thread_time()
+    spin(seconds)
+    return time.thread_time() - start
+
+
+def block_in_c(seconds: float) -> float:
+    """Blocked in C (time.sleep): no interrupt reaches it."""
+    time.sleep(seconds)
+    return seconds
+
+
+def wait_for_fifo(path: str) -> str:
+    """Block until the test writes a line into the FIFO at ``path`` (a cross-process event)."""
+    with open(path) as fifo:
+        return fifo.readline().strip()
+
+
+def sleep_then_mark(seconds: float, marker: str) -> None:
+    time.sleep(seconds)
+    with open(marker, "w") as f:
+        f.write("ran to the end")
+
+
+def big(n: int) -> bytes:
+    return b"x" * n
+
+
+@offload.task("test:add")
+def add_task(data: dict[str, int]) -> int:
+    return data["a"] + data["b"]
+
+
+@offload.task("test:process-only", kinds=("process",), why_not="it needs a process")
+def process_only(data: Any) -> str:
+    return "ran"
