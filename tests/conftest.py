@@ -49,11 +49,11 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 @pytest.fixture
-def fifo(tmp_path: Path) -> Iterator[Path]:
+def fifo(tmp_path: Path) -> Path:
     """A named pipe: a worker task blocks reading it until the test writes a line."""
     path = tmp_path / "gate"
     os.mkfifo(path)
-    yield path
+    return path
 
 
 def release(path: Path, line: str = "go") -> None:

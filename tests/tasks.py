@@ -67,11 +67,12 @@ def spin(seconds: float) -> float:
     return seconds
 
 
-def cpu_work(seconds: float) -> float:
-    """Busy loop; returns the thread CPU time it used."""
-    start = time.thread_time()
-    spin(seconds)
-    return time.thread_time() - start
+def count(n: int) -> int:
+    """A fixed amount of pure-Python work."""
+    total = 0
+    for i in range(n):
+        total += i & 7
+    return total
 
 
 def block_in_c(seconds: float) -> float:
@@ -104,3 +105,9 @@ def add_task(data: dict[str, int]) -> int:
 @offload.task("test:process-only", kinds=("process",), why_not="it needs a process")
 def process_only(data: Any) -> str:
     return "ran"
+
+
+def import_module(name: str) -> str:
+    import importlib
+
+    return importlib.import_module(name).__name__

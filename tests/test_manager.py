@@ -11,10 +11,10 @@ from typing import Any
 
 import psutil
 import pytest
-import tasks
-from conftest import release
 
 import offload
+import tasks
+from conftest import release
 from offload import (
     InvalidTask,
     ManagerClosed,
@@ -216,7 +216,7 @@ async def test_crash_fails_only_its_task(crash: Any) -> None:
         assert ("exit code 3" if crash is tasks.exit_now else "SIGSEGV") in str(info.value)
         assert await asyncio.gather(*others) == [0.05] * 4
         assert await wm.run(tasks.add, 1, 1) == 2
-        while wm.stats().workers < 2:  # the replacement is starting
+        while wm.stats().workers < 2:  # noqa: ASYNC110  (the replacement is starting)
             await asyncio.sleep(0.01)
         stats = wm.stats()
     assert stats.crashed == 1
@@ -403,7 +403,7 @@ async def test_many_concurrent_tasks_all_get_their_result() -> None:
 
 @pytest.mark.skipif(sys.version_info >= (3, 13), reason="checks the pre-3.13 error")
 async def test_interpreter_kind_needs_313() -> None:
-    with pytest.raises(offload.UnsupportedKind, match="3.13"):
+    with pytest.raises(offload.UnsupportedKind, match=r"3\.13"):
         WorkerManager(kind="interpreter")
 
 

@@ -14,7 +14,7 @@ Layers, each importing only those below it::
 """
 
 from ._manager import WorkerManager
-from ._stats import Stats
+from ._stats import Stats, TaskRecord
 from ._task import Priority, Task, task
 from .errors import (
     DecryptFailed,
@@ -48,6 +48,7 @@ __all__ = (
     "Stats",
     "Task",
     "TaskFailed",
+    "TaskRecord",
     "TaskTimeout",
     "UnknownTask",
     "UnsupportedKind",

@@ -5,23 +5,25 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import logging
 import os
 import pickle
 import sys
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Final, Literal, Self, TypeVar, TypeVarTuple, Unpack
+from typing import Any, Final, Literal, Self, TypeVar, TypeVarTuple
 
 from . import _worker as wire
 from ._pool import Pool
 from ._queue import Job, JobState
-from ._stats import Stats, StatsRecorder
+from ._stats import Stats, StatsRecorder, TaskRecord
 from ._task import Priority, PriorityLike, RegisteredTask, Task, coerce_timeout, task_from_dict
 from .errors import (
     InvalidTask,
     ManagerClosed,
     NotSerializable,
+    OffloadError,
     PayloadTooLarge,
     QueueFull,
     TaskTimeout,
@@ -31,6 +33,8 @@ from .errors import (
 from .workers import interpreters_available
 
 __all__ = ("WorkerManager",)
+
+log = logging.getLogger("offload")
 
 R = TypeVar("R")
 Ts = TypeVarTuple("Ts")
@@ -73,6 +77,8 @@ class WorkerManager:
         start_timeout: how long a worker may take to report READY.
         interrupt_grace: interpreter workers: how long an interrupted task may take to stop
             before its interpreter is quarantined and replaced.
+        on_task_done: called on the event loop with a ``TaskRecord`` when each accepted task
+            gets its outcome (for logs and metrics; keep it fast, exceptions are logged).
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class WorkerManager:
         shutdown_grace: float = 30.0,
         start_timeout: float = 30.0,
         interrupt_grace: float = 0.25,
+        on_task_done: Callable[[TaskRecord], None] | None = None,
     ) -> None:
         if kind not in KIND_NAMES:
             raise UnsupportedKind(f"kind must be one of {KIND_NAMES}, not {kind!r}")
@@ -113,6 +120,7 @@ class WorkerManager:
         self._process_workers = process_workers
         self._start_timeout = start_timeout
         self._interrupt_grace = interrupt_grace
+        self._on_task_done = on_task_done
         self._state = _State.NEW
         self._pools: dict[str, Pool] = {}
         self._stats = StatsRecorder()
@@ -191,7 +199,8 @@ class WorkerManager:
             return
         self._state = _State.DRAINING
         grace = self.shutdown_grace if grace is None else grace
-        assert self._drained is not None and self._closed_event is not None
+        assert self._drained is not None
+        assert self._closed_event is not None
         try:
             if self._outstanding and grace > 0:
                 async with asyncio.timeout(grace):
@@ -213,7 +222,8 @@ class WorkerManager:
                         "the manager shut down before this task finished", task_id=job.task_id
                     ),
                 )
-        await self._close_pools(0.0)
+        # Idle workers exit at once; only an interpreter stuck in C code may take longer.
+        await self._close_pools(self.shutdown_grace)
         self._state = _State.CLOSED
         assert self._closed_event is not None
         self._closed_event.set()
@@ -230,8 +240,8 @@ class WorkerManager:
 
     async def run(
         self,
-        fn: Callable[[Unpack[Ts]], R],
-        *args: Unpack[Ts],
+        fn: Callable[[*Ts], R],
+        *args: *Ts,
         priority: PriorityLike = Priority.NORMAL,
         timeout: float | None = None,
         task_id: str | None = None,
@@ -364,9 +374,10 @@ class WorkerManager:
             job.deadline_handle = None
         stats = self._stats
         future = job.future
+        wait = max(0.0, time.perf_counter() - job.submitted_at - run)
         if error is None:
             stats.completed += 1
-            stats.timing(self._wait_time(job, run), run)
+            stats.timing(wait, run)
             if not future.done():
                 future.set_result(result)
         else:
@@ -380,7 +391,7 @@ class WorkerManager:
                 stats.shutdown += 1
             else:
                 stats.failed += 1
-                stats.timing(self._wait_time(job, run), run)
+                stats.timing(wait, run)
             if not future.done():
                 if isinstance(error, asyncio.CancelledError):
                     future.cancel()
@@ -389,10 +400,26 @@ class WorkerManager:
         self._outstanding -= 1
         if not self._outstanding and self._drained is not None:
             self._drained.set()
+        if self._on_task_done is not None:
+            self._report(job, error, wait, run)
 
-    @staticmethod
-    def _wait_time(job: Job, run: float) -> float:
-        return max(0.0, time.perf_counter() - job.submitted_at - run)
+    def _report(self, job: Job, error: BaseException | None, wait: float, run: float) -> None:
+        if error is None:
+            outcome = "ok"
+        elif isinstance(error, OffloadError):
+            outcome = error.code
+        elif isinstance(error, asyncio.CancelledError):
+            outcome = "CANCELLED"
+        else:
+            outcome = type(error).__name__
+        record = TaskRecord(
+            job.seq, job.task_id, job.name, job.priority.name.lower(), job.route, outcome, wait, run
+        )
+        try:
+            assert self._on_task_done is not None
+            self._on_task_done(record)
+        except Exception:
+            log.exception("offload: on_task_done raised")
 
     def _count_restart(self) -> None:
         self._stats.worker_restarts += 1

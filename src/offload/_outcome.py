@@ -67,7 +67,7 @@ def _rebuild(
     info: tuple[bytes | None, str, str, str], tag: int, kind: str, task_id: str | None
 ) -> BaseException:
     exc_bytes, type_name, message, tb = info
-    if tag == wire.LOAD_FAILED and kind == "interpreter" and _is_subinterpreter_refusal(message):
+    if kind == "interpreter" and "ImportError" in type_name and _refuses_subinterpreters(message):
         return UnsupportedKind(
             f"the task imports a module that cannot load in a subinterpreter ({message}); "
             "run it on process workers (kind='process', or give an interpreter manager "
@@ -96,5 +96,6 @@ def _rebuild(
     return exc
 
 
-def _is_subinterpreter_refusal(message: str) -> bool:
+def _refuses_subinterpreters(message: str) -> bool:
+    # CPython: "module X does not support loading in subinterpreters"
     return "subinterpreter" in message or "sub-interpreter" in message

@@ -88,9 +88,9 @@ class JobQueue:
         self._counts = dict.fromkeys(Priority, 0)
 
     def __len__(self) -> int:
-        return self._counts[Priority.HIGH] + self._counts[Priority.NORMAL] + self._counts[
-            Priority.LOW
-        ]
+        return (
+            self._counts[Priority.HIGH] + self._counts[Priority.NORMAL] + self._counts[Priority.LOW]
+        )
 
     def counts(self) -> dict[Priority, int]:
         return dict(self._counts)

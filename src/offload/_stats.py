@@ -6,7 +6,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ("Stats", "StatsRecorder")
+__all__ = ("Stats", "StatsRecorder", "TaskRecord")
 
 _SAMPLES = 4096  # the percentiles describe the most recent tasks
 
@@ -54,6 +54,20 @@ class Stats:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """What ``on_task_done`` hears once per accepted task, when it gets its outcome."""
+
+    seq: int  #: arrival number within the manager
+    task_id: str | None
+    name: str  #: the function's qualified name
+    priority: str  #: "high", "normal" or "low"
+    kind: str  #: the worker kind that ran (or would have run) it
+    outcome: str  #: "ok", an OffloadError code, "CANCELLED", or the exception's type name
+    wait: float  #: seconds from submit to start (approximate for tasks that did not run)
+    run: float  #: seconds the worker spent running it (0 if it did not run)
+
+
 class StatsRecorder:
     """Mutable counters owned by the manager; ``snapshot`` freezes them."""
 
@@ -74,9 +88,7 @@ class StatsRecorder:
         self.waits.append(wait)
         self.runs.append(run)
 
-    def snapshot(
-        self, kind: str, workers: int, running: int, queued: Mapping[str, int]
-    ) -> Stats:
+    def snapshot(self, kind: str, workers: int, running: int, queued: Mapping[str, int]) -> Stats:
         w50, w95, w99 = _percentiles(self.waits)
         r50, r95, r99 = _percentiles(self.runs)
         return Stats(

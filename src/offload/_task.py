@@ -44,7 +44,9 @@ def coerce_timeout(value: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidTask(f"timeout must be a number of seconds or None, not {type(value).__name__}")
+        raise InvalidTask(
+            f"timeout must be a number of seconds or None, not {type(value).__name__}"
+        )
     if math.isnan(value) or value <= 0:
         raise InvalidTask(f"timeout must be > 0 seconds, not {value!r}")
     return float(value)
@@ -70,10 +72,10 @@ class Task:
     id: str | None = None
 
     def __post_init__(self) -> None:
-        if not callable(self.fn):
-            raise InvalidTask(f"Task.fn must be callable, not {type(self.fn).__name__}")
-        if not isinstance(self.args, tuple):
-            object.__setattr__(self, "args", tuple(self.args))
+        fn: object = self.fn  # typed callers cannot get this wrong; untyped ones can
+        if not callable(fn):
+            raise InvalidTask(f"Task.fn must be callable, not {type(fn).__name__}")
+        object.__setattr__(self, "args", tuple(self.args))
         object.__setattr__(self, "priority", coerce_priority(self.priority))
         object.__setattr__(self, "timeout", coerce_timeout(self.timeout))
 

@@ -177,7 +177,8 @@ class _Interrupter:
 
     Inside a subinterpreter, ``PyThreadState_SetAsyncExc`` called from this thread reaches the
     interpreter's running thread (called from the main interpreter it does nothing). A task
-    blocked in C code is not reached; the parent then quarantines this interpreter.
+    blocked in C code is not reached; the parent then quarantines this interpreter. A request
+    for a task that has not started yet is kept, and that task never starts.
     """
 
     def __init__(self, ctl_fd: int, exit_on_eof: bool) -> None:
@@ -185,7 +186,9 @@ class _Interrupter:
         self.exit_on_eof = exit_on_eof
         self.lock = threading.Lock()
         self.running: int | None = None
-        self.requested: int | None = None
+        self.last_started = 0  # the task being loaded or run (interrupts wait until it runs)
+        self.early: set[int] = set()  # requests for tasks not started yet
+        self.delivered = False  # an interrupt was raised in the current task
         self.target = threading.get_ident()
         self.thread = threading.Thread(target=self._watch, name="offload-watch", daemon=False)
         self.thread.start()
@@ -200,21 +203,28 @@ class _Interrupter:
                 if self.exit_on_eof:
                     os._exit(0)  # the parent is gone: never outlive it
                 return
-            (task_id,) = struct.unpack("<Q", data)
+            task_id = int.from_bytes(data, "little")
             with self.lock:
                 if self.running == task_id:
-                    self.requested = task_id
+                    self.delivered = True
                     _set_async_exc(self.target, _Interrupted)
+                elif task_id >= self.last_started:  # not started, or still loading
+                    self.early.add(task_id)
 
-    def started(self, task_id: int) -> None:
+    def begin(self, task_id: int) -> None:
+        """``task_id`` runs now (its call is loaded), unless it was stopped already."""
         with self.lock:
+            self.last_started = task_id
+            if task_id in self.early:
+                self.early = {i for i in self.early if i > task_id}
+                raise _Interrupted
             self.running = task_id
 
     def finished(self) -> None:
         with self.lock:
             self.running = None
-            if self.requested is not None:
-                self.requested = None
+            if self.delivered:
+                self.delivered = False
                 _set_async_exc(self.target, None)  # drop an interrupt that came too late
 
 
@@ -226,9 +236,7 @@ def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> None:
     )
 
 
-def serve(
-    rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any = None
-) -> None:
+def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any = None) -> None:
     """Run tasks until the parent closes the task pipe (or, in a process, the control pipe).
 
     ``stop_flag`` (interpreter workers) is a one-byte buffer shared with the parent: once it is
@@ -250,7 +258,7 @@ def serve(
             frame = channel.receive()
             if frame is None or (stop is not None and stop[0]):
                 return
-            task_id, tag, payload = frame
+            task_id, _, payload = frame
             if task_id in channel.cancelled:
                 channel.cancelled.discard(task_id)
                 channel.send(task_id, CANCELLED)
@@ -265,7 +273,10 @@ def serve(
 def _run_one(
     channel: _Channel, interrupter: _Interrupter, task_id: int, payload: memoryview, limit: int
 ) -> None:
+    interrupter.last_started = task_id
     try:
+        # Loading may import modules: an interrupt then could leave one half-imported,
+        # so it waits until the call itself begins.
         fn, args, kwargs = loads(payload)
     except BaseException as exc:
         channel.send(task_id, LOAD_FAILED, _raised_payload(exc))
@@ -274,7 +285,7 @@ def _run_one(
     started = time.perf_counter()
     try:
         try:
-            interrupter.started(task_id)
+            interrupter.begin(task_id)
             result = fn(*args, **kwargs)
         finally:
             interrupter.finished()
@@ -282,17 +293,14 @@ def _run_one(
         channel.send(task_id, INTERRUPTED, b"", time.perf_counter() - started)
         return
     except BaseException as exc:
-        elapsed = time.perf_counter() - started
-        channel.send(task_id, RAISED, _raised_payload(exc), elapsed)
+        channel.send(task_id, RAISED, _raised_payload(exc), time.perf_counter() - started)
         return
     elapsed = time.perf_counter() - started
     del fn, args, kwargs
     try:
         data = pickle.dumps(result, PICKLE_PROTOCOL)
     except BaseException as exc:
-        channel.send(
-            task_id, RESULT_NOT_SERIALIZABLE, pickle.dumps(_describe(exc)), elapsed
-        )
+        channel.send(task_id, RESULT_NOT_SERIALIZABLE, pickle.dumps(_describe(exc)), elapsed)
         return
     if len(data) > limit:
         channel.send(task_id, RESULT_TOO_LARGE, pickle.dumps(len(data)), elapsed)

@@ -2,21 +2,21 @@
 
 The tree::
 
-    OffloadError                      (code varies, see below)
-    ├── QueueFull            QUEUE_FULL         also queue.Full: the bounded queue said no
-    ├── TaskTimeout          TIMEOUT            also TimeoutError: the deadline passed
-    ├── TaskFailed           WORKER_ERROR       the task raised and its exception could not be rebuilt
-    ├── WorkerCrashed        WORKER_CRASHED     the worker died while running the task
-    ├── NotSerializable      NOT_SERIALIZABLE   an argument or result cannot be pickled
-    ├── PayloadTooLarge      PAYLOAD_TOO_LARGE  an argument or result is over the payload limit
-    ├── UnknownTask          UNKNOWN_TASK       a dict task names no registered type
-    ├── InvalidTask          INVALID_TASK       a malformed task (bad priority, negative timeout, ...)
-    ├── ManagerClosed        SHUTDOWN           submitted after shutdown, or cancelled by it
-    ├── UnsupportedKind      UNSUPPORTED_KIND   the worker kind cannot run here or cannot run this task
-    ├── WorkerStartFailed    WORKER_START_FAILED  a worker did not complete its start-up handshake
-    ├── InvalidInput         INVALID_INPUT      a built-in task was given corrupt or unsupported input
-    ├── DecryptFailed        DECRYPT_FAILED     wrong key, tampered or truncated ciphertext
-    └── OutputTooLarge       OUTPUT_TOO_LARGE   a decompression produced more than its limit
+    OffloadError
+    ├── QueueFull          QUEUE_FULL           the bounded queue said no (also queue.Full)
+    ├── TaskTimeout        TIMEOUT              the deadline passed (also TimeoutError)
+    ├── TaskFailed         WORKER_ERROR         the task raised; its exception can't be rebuilt
+    ├── WorkerCrashed      WORKER_CRASHED       the worker died while running the task
+    ├── NotSerializable    NOT_SERIALIZABLE     an argument or result cannot be pickled
+    ├── PayloadTooLarge    PAYLOAD_TOO_LARGE    an argument or result is over the payload limit
+    ├── UnknownTask        UNKNOWN_TASK         a dict task names no registered type
+    ├── InvalidTask        INVALID_TASK         a malformed task (bad priority, timeout, ...)
+    ├── ManagerClosed      SHUTDOWN             submitted after shutdown, or cancelled by it
+    ├── UnsupportedKind    UNSUPPORTED_KIND     the kind can't run here, or can't run this task
+    ├── WorkerStartFailed  WORKER_START_FAILED  a worker failed its start-up handshake
+    ├── InvalidInput       INVALID_INPUT        a built-in got corrupt or unsupported input
+    ├── DecryptFailed      DECRYPT_FAILED       wrong key, tampered or truncated ciphertext
+    └── OutputTooLarge     OUTPUT_TOO_LARGE     a decompression went over its limit
 
 A task's *own* exception is not wrapped: if ``fn`` raises ``ValueError`` in a worker, the
 caller gets that ``ValueError`` back, with the remote traceback chained as ``__cause__``.

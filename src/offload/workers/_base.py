@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import os
 import pickle
 from collections import deque
@@ -143,10 +144,8 @@ class Worker(abc.ABC):
     def interrupt(self, job: Job) -> None:
         """Send an interrupt request for ``job`` down the control pipe."""
         if self._control_fd >= 0:
-            try:
+            with contextlib.suppress(OSError):
                 os.write(self._control_fd, job.wire_id.to_bytes(8, "little"))
-            except OSError:
-                pass
 
     # -- stop ------------------------------------------------------------------------------
 

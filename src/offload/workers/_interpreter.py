@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
 
 __all__ = ("InterpreterWorker", "interpreters_available")
 
+log = logging.getLogger("offload")
+
+_NEEDS = (3, 13)  # subinterpreters with their own GIL that load stdlib extension modules
+
 _BOOT = """\
 import sys
 _path = {path!r}
@@ -39,7 +44,7 @@ _ns["serve"]({task_r}, {answer_w}, {control_r}, in_process=False, stop_flag=stop
 
 def interpreters_available() -> None:
     """Raise ``UnsupportedKind`` unless this Python can run interpreter workers."""
-    if sys.version_info < (3, 13):
+    if tuple(sys.version_info[:2]) < _NEEDS:
         raise UnsupportedKind(
             'kind="interpreter" needs Python 3.13 or newer (subinterpreters with their own GIL); '
             f'this is Python {sys.version_info.major}.{sys.version_info.minor}: use kind="process"'
@@ -48,8 +53,7 @@ def interpreters_available() -> None:
         import _interpreters  # noqa: F401
     except ImportError:
         raise UnsupportedKind(
-            'kind="interpreter": this Python build has no _interpreters module; '
-            'use kind="process"'
+            'kind="interpreter": this Python build has no _interpreters module; use kind="process"'
         ) from None
 
 
@@ -63,6 +67,7 @@ class InterpreterWorker(Worker):
         self.interpreter_id: int | None = None
         self.stop_flag = bytearray(1)  # set: give nothing more to run (see _worker.serve)
         self._done: asyncio.Future[None] | None = None
+        self._thread: threading.Thread | None = None
         self.failure = ""
 
     @property
@@ -87,7 +92,8 @@ class InterpreterWorker(Worker):
                 with contextlib.suppress(RuntimeError):  # the loop may be closed already
                     loop.call_soon_threadsafe(_set_done, done)
 
-        threading.Thread(target=host, name=f"offload-interpreter-{self.number}").start()
+        self._thread = threading.Thread(target=host, name=f"offload-interpreter-{self.number}")
+        self._thread.start()
 
     def _host(self, boot: str) -> None:
         import _interpreters
@@ -123,15 +129,24 @@ class InterpreterWorker(Worker):
     async def wait_closed(self, timeout: float) -> None:
         if self._done is None:
             return
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(self._done)
+        except TimeoutError:
+            log.warning(
+                "offload: %s is still inside a call after %.1f s; it cannot be killed and "
+                "ends when the call returns",
+                self.ident,
+                timeout,
+            )
+            return
+        if self._thread is not None:
+            self._thread.join()  # it is past its last line: only the thread's exit is left
 
     async def kill_and_wait(self) -> None:
         # An interpreter cannot be killed: stop giving it work and let its call end.
         self.quarantine()
-        if self._done is not None:
-            await asyncio.shield(self._done)
+        await self.wait_closed(float("inf"))
 
     def exit_note(self) -> str:
         return f" ({self.failure.strip().splitlines()[-1]})" if self.failure else ""

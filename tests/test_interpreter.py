@@ -1,0 +1,134 @@
+"""Interpreter workers (Python 3.13+): real subinterpreters, each with its own GIL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import tasks
+from conftest import requires_interpreters
+from offload import (
+    NotSerializable,
+    TaskTimeout,
+    UnsupportedKind,
+    WorkerManager,
+)
+
+pytestmark = [pytest.mark.asyncio, requires_interpreters]
+
+
+def manager(**options: object) -> WorkerManager:
+    options.setdefault("workers", 2)
+    options.setdefault("shutdown_grace", 5.0)
+    return WorkerManager(kind="interpreter", **options)  # type: ignore[arg-type]
+
+
+async def test_runs_in_this_process_on_other_threads() -> None:
+    async with manager() as wm:
+        assert await wm.run(tasks.add, 2, 3) == 5
+        pid, thread = await wm.run(tasks.ident)
+        assert pid == os.getpid()
+        assert thread != threading.get_ident()  # never on the event loop's thread
+        assert wm.stats().kind == "interpreter"
+
+
+async def test_exceptions_and_pickling_errors() -> None:
+    async with manager() as wm:
+        with pytest.raises(ValueError, match="bad thing") as info:
+            await wm.run(tasks.boom)
+        assert "in boom" in str(info.value.__cause__)
+        with pytest.raises(NotSerializable):
+            await wm.run(tasks.return_unpicklable)
+        assert await wm.run(tasks.add, 1, 1) == 2
+
+
+async def test_dict_tasks_and_routing_to_process_workers() -> None:
+    async with manager(workers=1) as wm:
+        assert await wm.execute_task({"type": "test:add", "data": {"a": 1, "b": 2}}) == 3
+        with pytest.raises(UnsupportedKind, match="it needs a process") as info:
+            await wm.execute_task({"type": "test:process-only", "data": None})
+        assert "process_workers" in str(info.value)
+    async with manager(workers=1, process_workers=1) as wm:
+        assert await wm.execute_task({"type": "test:process-only", "data": None}) == "ran"
+        assert len(wm.worker_pids()) == 1
+
+
+async def test_parallel_speedup_of_pure_python_work() -> None:
+    work = 2_000_000  # a fixed amount of pure-Python work (~0.1-0.3 s here)
+    async with manager(workers=2) as wm:
+        await asyncio.gather(wm.run(tasks.count, 1000), wm.run(tasks.count, 1000))  # warm
+        started = time.perf_counter()
+        for _ in range(2):
+            await wm.run(tasks.count, work)
+        serial = time.perf_counter() - started
+        started = time.perf_counter()
+        await asyncio.gather(*(wm.run(tasks.count, work) for _ in range(2)))
+        parallel = time.perf_counter() - started
+    # One GIL would make both equal; two interpreters with their own GIL halve it.
+    assert parallel < 0.8 * serial, (parallel, serial)
+
+
+async def test_deadline_interrupts_pure_python_code() -> None:
+    async with manager(workers=1) as wm:
+        await wm.run(tasks.add, 0, 0)  # loaded: the deadline below falls inside the loop
+        started = time.perf_counter()
+        with pytest.raises(TaskTimeout):
+            await wm.run(tasks.spin, 30.0, timeout=0.2)
+        assert time.perf_counter() - started < 0.5
+        # The interrupt stopped the loop: the same interpreter answers the next call.
+        assert await wm.run(tasks.add, 1, 1) == 2
+        assert wm.stats().worker_restarts == 0
+
+
+async def test_deadline_quarantines_code_blocked_in_c() -> None:
+    async with manager(workers=1, interrupt_grace=0.1, shutdown_grace=5.0) as wm:
+        await wm.run(tasks.add, 0, 0)  # loaded: the deadline below falls inside the sleep
+        started = time.perf_counter()
+        with pytest.raises(TaskTimeout):
+            await wm.run(tasks.block_in_c, 1.5, timeout=0.2)
+        assert time.perf_counter() - started < 0.5  # the caller hears on time
+        # A fresh interpreter takes the slot while the stuck one finishes its sleep.
+        assert await wm.run(tasks.add, 2, 2) == 4
+        assert wm.stats().worker_restarts == 1
+
+
+async def test_cancellation_interrupts_too() -> None:
+    async with manager(workers=1) as wm:
+        call = asyncio.create_task(wm.run(tasks.spin, 30.0))
+        await asyncio.sleep(0.05)  # cancelled while loading or running: stopped either way
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert await wm.run(tasks.add, 1, 2) == 3
+        stats = wm.stats()
+        assert stats.cancelled == 1
+        assert stats.worker_restarts == 0
+
+
+async def test_module_that_refuses_subinterpreters_gives_a_clear_error() -> None:
+    pytest.importorskip("zstandard")
+    async with manager(workers=1) as wm:
+        with pytest.raises(UnsupportedKind, match="subinterpreter"):
+            await wm.run(tasks.import_module, "zstandard")
+
+
+async def test_deadline_before_the_call_starts_skips_it(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    async with manager(workers=1) as wm:
+        # The first call in a fresh interpreter imports the tests' modules: the deadline
+        # lands while it loads, and the call must then never begin.
+        with pytest.raises(TaskTimeout):
+            await wm.run(tasks.sleep_then_mark, 0.0, str(marker), timeout=0.001)
+        assert await wm.run(tasks.add, 1, 1) == 2
+    assert not marker.exists()
+
+
+async def test_many_tasks() -> None:
+    async with manager(max_queue=5000) as wm:
+        results = await asyncio.gather(*(wm.run(tasks.add, i, 1) for i in range(2000)))
+        assert results == [i + 1 for i in range(2000)]
