@@ -16,6 +16,7 @@ import textwrap
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -304,9 +305,12 @@ def test_a_token_whose_algorithm_does_not_fit_the_key_is_invalid(
 
 def test_expired_and_leeway() -> None:
     now = int(time.time())
-    token = t.jwt_sign({"exp": now - 30}, "k" * 32)
-    assert rejected(verify(token, "k" * 32)) == "expired"
-    assert verify(token, "k" * 32, leeway=60)["valid"] is True
+    for token in (
+        t.jwt_sign({"exp": now - 30}, "k" * 32),
+        t.jwt_sign({}, "k" * 32, expires_in=-30),
+    ):
+        assert rejected(verify(token, "k" * 32)) == "expired"
+        assert verify(token, "k" * 32, leeway=60)["valid"] is True
 
 
 @pytest.mark.parametrize("claim", ["nbf", "iat"])
@@ -416,7 +420,8 @@ def test_verify_rejects_bad_keys_and_tokens(keys: dict[str, tuple[str, str]]) ->
         ({"algorithm": "PS256"}, "unsupported"),
         ({"algorithm": None}, "algorithm"),
         ({"algorithm": "RS256"}, "PEM private key"),
-        ({"expires_in": 0}, "expires_in"),
+        ({"expires_in": float("inf")}, "expires_in"),
+        ({"expires_in": "60"}, "expires_in"),
         ({"expires_in": True}, "expires_in"),
         ({"headers": {"alg": "none"}}, "alg"),
         ({"headers": "kid"}, "headers"),
@@ -463,7 +468,7 @@ def assert_no_leak(exc: BaseException, *secrets: str | bytes) -> None:
 def test_jwt_errors_never_contain_keys_or_tokens() -> None:
     marker = _marker()
     fake_pem = f"-----BEGIN PRIVATE KEY-----\n{marker}\n-----END PRIVATE KEY-----\n"
-    cases = [
+    cases: list[Callable[[], object]] = [
         lambda: t.jwt_sign({"a": 1}, fake_pem, algorithm="RS256"),
         lambda: t.jwt_sign({"a": 1}, marker, algorithm="ES256"),
         lambda: t.jwt_sign({"a": 1}, fake_pem, algorithm="HS256"),
@@ -480,3 +485,59 @@ def test_jwt_errors_never_contain_keys_or_tokens() -> None:
     # A rejected token is a result, and it does not echo the token either.
     result = t.jwt_verify(f"{marker}.{marker}.{marker}", marker, algorithms=["HS256"])
     assert marker not in repr(result)
+
+
+# --- declared kinds match what loads in a subinterpreter ------------------------------------
+
+SUBINTERPRETER_PROBE = """
+import gzip, json
+import offload.tasks
+from offload import UnsupportedKind
+from offload._task import registered, registered_names
+
+samples = {
+    "jwt:sign": {"claims": {}, "key": "k" * 32},
+    "jwt:verify": {"token": "a.b.c", "key": "k" * 32, "algorithms": ["HS256"]},
+    "crypto:hash": {"data": "abc"},
+    "crypto:hash_password": {"password": "pw", "n": 16},
+    "crypto:verify_password": {"password": "pw", "hash": STORED},
+    "crypto:encrypt": {"plaintext": b"x", "key": bytes(32)},
+    "crypto:decrypt": {"ciphertext": b"OFE\\x01" + bytes(40), "key": bytes(32)},
+    "compress:zstd": {"data": b"x"},
+    "decompress:zstd": {"data": b"x"},
+    "compress:gzip": {"data": b"x"},
+    "decompress:gzip": {"data": gzip.compress(b"x")},
+    "json:transform": {"document": "[1]", "transformer": "identity"},
+}
+outcomes = {}
+for name in registered_names():
+    try:
+        registered(name).fn(samples[name])
+    except UnsupportedKind:
+        outcomes[name] = "unsupported"
+    except Exception as exc:
+        outcomes[name] = type(exc).__name__
+    else:
+        outcomes[name] = "ok"
+with open(OUT, "w") as out:
+    json.dump(outcomes, out)
+"""
+
+
+def test_declared_kinds_match_what_runs_in_a_subinterpreter(tmp_path: Any) -> None:
+    """Each type runs in an isolated subinterpreter exactly when it declares "interpreter"."""
+    interpreters = pytest.importorskip("_interpreters")
+    out = tmp_path / "outcomes.json"
+    stored = t.hash_password("pw", n=16)
+    code = f"STORED = {stored!r}\nOUT = {str(out)!r}\n{SUBINTERPRETER_PROBE}"
+    interp = interpreters.create()
+    try:
+        failure = interpreters.exec(interp, code)
+    finally:
+        interpreters.destroy(interp)
+    assert failure is None, failure
+    outcomes = json.loads(out.read_text())
+    assert set(outcomes) >= set(EXPECTED_KINDS)
+    for name, kinds in EXPECTED_KINDS.items():
+        expected = "ok" if "interpreter" in kinds else "unsupported"
+        assert outcomes[name] == expected, (name, outcomes[name])

@@ -13,6 +13,7 @@ Layers, each importing only those below it::
     _connection / _worker      the pipe transport, parent side and worker side
 """
 
+from . import builtins, tasks
 from ._manager import WorkerManager
 from ._stats import Stats, TaskRecord
 from ._task import Priority, Task, task
@@ -35,6 +36,8 @@ from .errors import (
 )
 
 __all__ = (
+    "builtins",
+    "tasks",
     "DecryptFailed",
     "InvalidInput",
     "InvalidTask",

@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any, Final, Literal, Self, TypeVar, TypeVarTuple
 
 from . import _worker as wire
-from ._pool import Pool
+from ._pool import Backend, Pool, PoolConfig, WorkerKind
 from ._queue import Job, JobState
 from ._stats import Stats, StatsRecorder, TaskRecord
 from ._task import Priority, PriorityLike, RegisteredTask, Task, coerce_timeout, task_from_dict
@@ -39,7 +39,7 @@ log = logging.getLogger("offload")
 R = TypeVar("R")
 Ts = TypeVarTuple("Ts")
 
-KIND_NAMES: Final = ("process", "interpreter")
+KIND_NAMES: Final = ("process", "interpreter", "dask")
 DEFAULT_MAX_PAYLOAD: Final = 256 * 1024 * 1024
 
 
@@ -67,7 +67,8 @@ class WorkerManager:
             default ``max(1, os.cpu_count() - 1)``.
         kind: ``"process"`` (default) or ``"interpreter"`` (Python 3.13+, one GIL per
             subinterpreter, lower overhead, but a crash takes the whole process down and code
-            blocked in C cannot be stopped).
+            blocked in C cannot be stopped), ``"dask"`` (a local Dask cluster, see
+            ``offload.dask``), or a kind object such as ``offload.dask.DaskKind(address=...)``.
         max_queue: how many tasks may wait for a worker; one more raises ``QueueFull``.
         process_workers: with ``kind="interpreter"``, extra process workers for task types
             that cannot load in a subinterpreter (``cryptography``, ``zstandard``, ...).
@@ -84,7 +85,7 @@ class WorkerManager:
     def __init__(
         self,
         workers: int | None = None,
-        kind: Literal["process", "interpreter"] = "process",
+        kind: Literal["process", "interpreter", "dask"] | WorkerKind = "process",
         *,
         max_queue: int = 1000,
         process_workers: int = 0,
@@ -95,10 +96,20 @@ class WorkerManager:
         interrupt_grace: float = 0.25,
         on_task_done: Callable[[TaskRecord], None] | None = None,
     ) -> None:
-        if kind not in KIND_NAMES:
-            raise UnsupportedKind(f"kind must be one of {KIND_NAMES}, not {kind!r}")
-        if kind == "interpreter":
-            interpreters_available()
+        if kind == "dask":
+            from .dask import DaskKind  # optional: needs the `dask` extra
+
+            kind = DaskKind()
+        if isinstance(kind, str):
+            if kind not in KIND_NAMES:
+                raise UnsupportedKind(f"kind must be one of {KIND_NAMES}, not {kind!r}")
+            if kind == "interpreter":
+                interpreters_available()
+            self._kind_object: WorkerKind | None = None
+            kind_name: str = kind
+        else:
+            self._kind_object = kind
+            kind_name = kind.name
         if workers is None:
             workers = default_workers()
         for name, value, low in (
@@ -109,9 +120,10 @@ class WorkerManager:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, not {value!r}")
-        if process_workers and kind == "process":
+        if process_workers and kind_name == "process":
             raise ValueError("process_workers is for kind='interpreter'; raise workers instead")
-        self.kind = kind
+        #: The worker kind's name: "process", "interpreter", "dask".
+        self.kind = kind_name
         self.max_queue = max_queue
         self.max_payload = max_payload
         self.default_timeout = coerce_timeout(default_timeout)
@@ -122,7 +134,7 @@ class WorkerManager:
         self._interrupt_grace = interrupt_grace
         self._on_task_done = on_task_done
         self._state = _State.NEW
-        self._pools: dict[str, Pool] = {}
+        self._pools: dict[str, Backend] = {}
         self._stats = StatsRecorder()
         self._seq = itertools.count(1)
         self._outstanding = 0  # accepted jobs without an outcome yet
@@ -163,19 +175,15 @@ class WorkerManager:
             "main": _main_reference(),
             "max_payload": self.max_payload,
         }
-        sizes = {self.kind: self._workers}
+        config = PoolConfig(
+            settings, self._start_timeout, self._interrupt_grace, self._count_restart
+        )
+        if self._kind_object is not None:
+            self._pools[self.kind] = self._kind_object.create_pool(self._workers, self, config)
+        else:
+            self._pools[self.kind] = Pool(self.kind, self._workers, self, config)
         if self._process_workers:
-            sizes["process"] = self._process_workers
-        for kind, size in sizes.items():
-            self._pools[kind] = Pool(
-                kind,
-                size,
-                self,
-                settings,
-                start_timeout=self._start_timeout,
-                interrupt_grace=self._interrupt_grace,
-                on_restart=self._count_restart,
-            )
+            self._pools["process"] = Pool("process", self._process_workers, self, config)
         self._state = _State.RUNNING
         try:
             await asyncio.gather(*(pool.start() for pool in self._pools.values()))
@@ -212,18 +220,13 @@ class WorkerManager:
             await asyncio.shield(self._finish_shutdown())
 
     async def _finish_shutdown(self) -> None:
-        for pool in self._pools.values():
-            for job in pool.all_jobs():
-                if job.state is JobState.SENT and job.worker is not None:
-                    job.worker.stop_running(job)
-                self.settle(
-                    job,
-                    error=ManagerClosed(
-                        "the manager shut down before this task finished", task_id=job.task_id
-                    ),
-                )
+        left = [(pool, job) for pool in self._pools.values() for job in pool.all_jobs()]
+        for pool, job in left:
+            pool.stop(job, "shutdown")  # queued: settled now; running: the work is stopped
         # Idle workers exit at once; only an interpreter stuck in C code may take longer.
         await self._close_pools(self.shutdown_grace)
+        for _, job in left:  # stopped with their workers: settle what the exits did not
+            self.settle(job, error=ManagerClosed("the manager shut down", task_id=job.task_id))
         self._state = _State.CLOSED
         assert self._closed_event is not None
         self._closed_event.set()
@@ -274,7 +277,7 @@ class WorkerManager:
             return await self._submit(parsed, self._pools_for(entry))
         raise InvalidTask(f"execute_task takes a Task or a dict, not {type(task).__name__}")
 
-    def _pools_for(self, entry: RegisteredTask | None) -> Pool:
+    def _pools_for(self, entry: RegisteredTask | None) -> Backend:
         if self._state is not _State.RUNNING:
             raise ManagerClosed(self._closed_message())
         if entry is None or self.kind in entry.kinds:
@@ -293,7 +296,7 @@ class WorkerManager:
             return "the manager is not started: use `async with WorkerManager(...) as wm:`"
         return "the manager is shut down and takes no more tasks"
 
-    async def _submit(self, task: Task, pool: Pool) -> Any:
+    async def _submit(self, task: Task, pool: Backend) -> Any:
         if len(pool.queue) >= self.max_queue and not pool.has_room():
             self._stats.rejected += 1
             raise QueueFull(
@@ -346,7 +349,7 @@ class WorkerManager:
             )
         return payload
 
-    def _on_deadline(self, job: Job, pool: Pool) -> None:
+    def _on_deadline(self, job: Job, pool: Backend) -> None:
         job.deadline_handle = None
         if job.state is not JobState.DONE:
             pool.stop(job, "timeout")
@@ -439,13 +442,7 @@ class WorkerManager:
 
     def worker_pids(self) -> list[int]:
         """The process ids of this manager's live process workers (for tests and monitoring)."""
-        pids = []
-        for pool in self._pools.values():
-            for worker in pool.workers:
-                pid = getattr(worker, "pid", None)
-                if pid is not None:
-                    pids.append(pid)
-        return pids
+        return [pid for pool in self._pools.values() for pid in pool.worker_pids()]
 
 
 def _main_reference() -> tuple[str, str] | None:

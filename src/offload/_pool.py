@@ -13,18 +13,18 @@ import asyncio
 import itertools
 import logging
 import random
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from . import _worker as wire
 from ._outcome import decode_answer
 from ._queue import Job, JobQueue, JobState
-from .errors import OffloadError, TaskTimeout, WorkerCrashed, WorkerStartFailed
+from .errors import ManagerClosed, OffloadError, TaskTimeout, WorkerCrashed, WorkerStartFailed
 from .workers import InterpreterWorker, ProcessWorker, Worker
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
-__all__ = ("Ledger", "Pool")
+__all__ = ("Backend", "Ledger", "Pool", "PoolConfig", "WorkerKind")
 
 log = logging.getLogger("offload")
 
@@ -39,34 +39,71 @@ class Ledger(Protocol):
     def timeout_error(self, job: Job) -> TaskTimeout: ...
 
 
+@dataclass(frozen=True)
+class PoolConfig:
+    """What the manager tells every pool it creates."""
+
+    settings: dict[str, Any]  # sent to each worker at start (sys.path, __main__, max_payload)
+    start_timeout: float
+    interrupt_grace: float
+    on_restart: Callable[[], None]
+
+
+class Backend(Protocol):
+    """What the manager needs from a pool of any kind (``Pool`` here, ``offload.dask``...)."""
+
+    kind: str
+    queue: JobQueue
+
+    async def start(self) -> None: ...
+    async def aclose(self, grace: float) -> None: ...
+    def submit(self, job: Job) -> None: ...
+    def stop(self, job: Job, reason: str) -> None: ...
+    def has_room(self) -> bool: ...
+    def all_jobs(self) -> list[Job]: ...
+    def worker_pids(self) -> list[int]: ...
+    @property
+    def ready_workers(self) -> int: ...
+    @property
+    def holding(self) -> int: ...
+
+
+class WorkerKind(Protocol):
+    """A worker kind given as an object: ``WorkerManager(kind=DaskKind(...))``."""
+
+    name: str
+
+    def create_pool(self, size: int, ledger: Ledger, config: PoolConfig) -> Backend: ...
+
+
+def stopped_error(ledger: Ledger, job: Job, reason: str) -> BaseException:
+    """The outcome of a job stopped for ``reason``: "timeout", "cancelled" or "shutdown"."""
+    if reason == "timeout":
+        return ledger.timeout_error(job)
+    if reason == "shutdown":
+        return ManagerClosed("the manager shut down before this task finished", task_id=job.task_id)
+    return asyncio.CancelledError()
+
+
 class Pool:
     """Workers of one kind, a priority queue, and the rules that connect them."""
 
-    def __init__(
-        self,
-        kind: str,
-        size: int,
-        ledger: Ledger,
-        settings: dict[str, Any],
-        *,
-        start_timeout: float,
-        interrupt_grace: float,
-        on_restart: Callable[[], None],
-    ) -> None:
+    def __init__(self, kind: str, size: int, ledger: Ledger, config: PoolConfig) -> None:
         self.kind = kind
         self.size = size
         self.queue = JobQueue()
         self.workers: list[Worker] = []
         self._ledger = ledger
-        self._settings = settings
-        self._start_timeout = start_timeout
-        self._interrupt_grace = interrupt_grace
-        self._on_restart = on_restart
+        self._settings = config.settings
+        self._start_timeout = config.start_timeout
+        self._interrupt_grace = config.interrupt_grace
+        self._on_restart = config.on_restart
         self._worker_class: type[Worker] = (
             InterpreterWorker if kind == "interpreter" else ProcessWorker
         )
         self._numbers = itertools.count(1)
-        self._background: set[asyncio.Task[Any]] = set()
+        self._starting: set[asyncio.Task[Any]] = set()  # replacements: cancelled on close
+        self._reaping: set[asyncio.Task[Any]] = set()  # outcomes after exits: awaited on close
         self._retiring: set[Worker] = set()  # quarantined or killed, not yet gone
         self._start_failures = 0
         self.closing = False
@@ -99,7 +136,7 @@ class Pool:
         if self.closing:
             return
         self._on_restart()
-        self._background_task(self._replace())
+        self._background_task(self._replace(), self._starting)
 
     async def _replace(self) -> None:
         while not self.closing:
@@ -122,23 +159,26 @@ class Pool:
                     )
                 await asyncio.sleep(delay)
 
-    def _background_task(self, coro: Any) -> None:
+    @staticmethod
+    def _background_task(coro: Any, into: set[asyncio.Task[Any]]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        into.add(task)
+        task.add_done_callback(into.discard)
 
     async def aclose(self, grace: float) -> None:
         """Stop taking work, close every worker (waiting up to ``grace`` s), reap them."""
         self.closing = True
-        for task in list(self._background):
+        for task in list(self._starting):
             task.cancel()
         workers = self.workers + list(self._retiring)
         self.workers = []
         for worker in workers:
             worker.close()
         await asyncio.gather(*(w.wait_closed(max(grace, 0.5)) for w in workers))
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*self._starting, *self._reaping, return_exceptions=True)
+
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self.workers if isinstance(w, ProcessWorker) and w.pid]
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -187,7 +227,8 @@ class Pool:
         return behind
 
     def stop(self, job: Job, reason: str) -> None:
-        """Stop a job that its caller gave up on (``reason``: "timeout" or "cancelled")."""
+        """Stop a job: its deadline passed ("timeout"), its caller gave up ("cancelled"), or
+        the manager is shutting down ("shutdown"). Running work is stopped, not abandoned."""
         if job.state is JobState.QUEUED:
             self._settle_stopped(job, reason)  # settling takes it out of the queue
             return
@@ -207,11 +248,8 @@ class Pool:
             worker.cancel_waiting(job)  # it answers CANCELLED (or a result, ignored)
             self._settle_stopped(job, reason)
 
-    def _settle_stopped(self, job: Job, reason: str) -> None:
-        if reason == "timeout":
-            self._ledger.settle(job, error=self._ledger.timeout_error(job))
-        else:
-            self._ledger.settle(job, error=asyncio.CancelledError())
+    def _settle_stopped(self, job: Job, reason: str, run: float = 0.0) -> None:
+        self._ledger.settle(job, error=stopped_error(self._ledger, job, reason), run=run)
 
     def _quarantine_if_stuck(self, worker: InterpreterWorker, job: Job) -> None:
         if worker.retired or not worker.inflight or worker.inflight[0] is not job:
@@ -224,7 +262,7 @@ class Pool:
         )
         worker.quarantine()
         self._retire(worker)
-        self._background_task(self._forget_when_gone(worker))
+        self._background_task(self._forget_when_gone(worker), self._reaping)
 
     async def _forget_when_gone(self, worker: Worker) -> None:
         await worker.wait_closed(float("inf"))
@@ -243,10 +281,10 @@ class Pool:
         job = worker.inflight.popleft()
         worker.tasks_done += 1
         if job.state is JobState.SENT:
-            if job.stopping == "timeout":
-                self._ledger.settle(job, error=self._ledger.timeout_error(job), run=seconds)
-            elif tag == wire.INTERRUPTED or tag == wire.CANCELLED:
-                self._ledger.settle(job, error=asyncio.CancelledError(), run=seconds)
+            if job.stopping is not None:
+                self._settle_stopped(job, job.stopping, seconds)
+            elif tag == wire.INTERRUPTED or tag == wire.CANCELLED:  # not asked for: a bug
+                self._ledger.settle(job, error=WorkerCrashed("the worker skipped this task"))
             else:
                 try:
                     result = decode_answer(tag, payload, self.kind, job.task_id)
@@ -260,7 +298,10 @@ class Pool:
         """A worker's pipe closed: it died, or was killed to stop its task."""
         self._retire(worker)
         if isinstance(worker, ProcessWorker):
-            self._background_task(self._after_exit(worker))
+            self._background_task(self._after_exit(worker), self._reaping)
+        else:
+            self._retiring.discard(worker)
+            self._settle_lost(worker)
 
     def _retire(self, worker: Worker) -> None:
         """Take ``worker`` out of service: requeue what waits behind its task, refill its slot."""
@@ -284,24 +325,23 @@ class Pool:
         """Once the dead process is reaped, give its running job its outcome."""
         await worker.wait_exited()
         self._retiring.discard(worker)
+        self._settle_lost(worker)
+
+    def _settle_lost(self, worker: Worker) -> None:
         running = worker.inflight.popleft() if worker.inflight else None
         if running is None or running.state is not JobState.SENT:
             return
-        if running.stopping == "timeout":
-            self._ledger.settle(running, error=self._ledger.timeout_error(running))
-        elif running.stopping is not None:
-            self._ledger.settle(running, error=asyncio.CancelledError())
-        elif self.closing:
-            return  # shutdown settles it
-        else:
-            self._ledger.settle(
-                running,
-                error=WorkerCrashed(
-                    f"the {self.kind} worker ({worker.ident}) died while running this "
-                    f"task{worker.exit_note()}; it was replaced",
-                    task_id=running.task_id,
-                ),
-            )
+        if running.stopping is not None:
+            self._settle_stopped(running, running.stopping)
+            return
+        self._ledger.settle(
+            running,
+            error=WorkerCrashed(
+                f"the {self.kind} worker ({worker.ident}) died while running this "
+                f"task{worker.exit_note()}; it was replaced",
+                task_id=running.task_id,
+            ),
+        )
 
     def _fail_queued(self, error: OffloadError) -> None:
         for job in self.queue.drain():

@@ -16,15 +16,12 @@ Every function also takes the keyword options ``priority`` (``"high"``, ``"norma
 (``{"type": "jwt:sign", "data": {...}}``) and as plain functions in :mod:`offload.tasks`.
 """
 
-# `timeout` is the task's deadline, enforced by the manager (and sent to the worker), not a
-# wait around the coroutine, so ASYNC109's advice (asyncio.timeout) does not apply.
-# ruff: noqa: ASYNC109
-
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
+from . import tasks as _tasks  # noqa: F401  (registers the built-in task types; cheap)
 from .errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -179,7 +176,7 @@ async def hash_password(
 
     >>> stored = await hash_password(wm, "hunter2")  # doctest: +SKIP
     >>> stored[:22]  # doctest: +SKIP
-    '$scrypt$ln=16,r=8,p=1$'
+    '$scrypt$ln=16,r=8,p=2$'
     """
     data: dict[str, Any] = {"password": password, "scheme": scheme}
     data |= _options(

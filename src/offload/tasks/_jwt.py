@@ -78,7 +78,8 @@ def jwt_sign(
 
     ``key`` is the shared secret for ``HS256``/``HS384``/``HS512`` and an unencrypted PEM
     private key for ``RS256``, ``ES256`` (P-256) and ``EdDSA`` (Ed25519/Ed448).
-    ``expires_in`` (seconds) sets ``exp`` (and ``iat`` if absent). ``headers`` adds header
+    ``expires_in`` (seconds from now; may be negative, e.g. to make an already expired
+    token for a test) sets ``exp``, and ``iat`` if absent. ``headers`` adds header
     fields such as ``kid``; it cannot change ``alg``.
     """
     alg = _algorithm(algorithm, "algorithm")
@@ -90,9 +91,8 @@ def jwt_sign(
             isinstance(expires_in, bool)
             or not isinstance(expires_in, int | float)
             or not math.isfinite(expires_in)
-            or expires_in <= 0
         ):
-            raise InvalidInput("expires_in must be a number of seconds > 0")
+            raise InvalidInput("expires_in must be a number of seconds")
         if "exp" in payload:
             raise InvalidInput("give either an 'exp' claim or expires_in, not both")
         now = int(time.time())
