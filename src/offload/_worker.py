@@ -264,48 +264,55 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
                 channel.send(task_id, CANCELLED)
                 continue
             channel.last_started = task_id
-            _run_one(channel, interrupter, task_id, payload, max_payload)
+            tag, answer, seconds = execute(payload, max_payload, interrupter, task_id)
+            del payload
+            channel.send(task_id, tag, answer, seconds)
     finally:
         if not in_process:
             interrupter.thread.join()  # ends when the parent closes the control pipe
 
 
-def _run_one(
-    channel: _Channel, interrupter: _Interrupter, task_id: int, payload: memoryview, limit: int
-) -> None:
-    interrupter.last_started = task_id
+def execute(
+    payload: bytes | memoryview,
+    limit: int,
+    interrupter: _Interrupter | None = None,
+    task_id: int = 0,
+) -> tuple[int, bytes, float]:
+    """Load and run one pickled ``(fn, args, kwargs)``: the answer's tag, payload and run time.
+
+    Used by the worker loop here and by backends that run tasks elsewhere (``offload.dask``).
+    """
+    if interrupter is not None:
+        interrupter.last_started = task_id
     try:
         # Loading may import modules: an interrupt then could leave one half-imported,
         # so it waits until the call itself begins.
         fn, args, kwargs = loads(payload)
     except BaseException as exc:
-        channel.send(task_id, LOAD_FAILED, _raised_payload(exc))
-        return
+        return LOAD_FAILED, _raised_payload(exc), 0.0
     del payload
     started = time.perf_counter()
     try:
         try:
-            interrupter.begin(task_id)
+            if interrupter is not None:
+                interrupter.begin(task_id)
             result = fn(*args, **kwargs)
         finally:
-            interrupter.finished()
+            if interrupter is not None:
+                interrupter.finished()
     except _Interrupted:
-        channel.send(task_id, INTERRUPTED, b"", time.perf_counter() - started)
-        return
+        return INTERRUPTED, b"", time.perf_counter() - started
     except BaseException as exc:
-        channel.send(task_id, RAISED, _raised_payload(exc), time.perf_counter() - started)
-        return
+        return RAISED, _raised_payload(exc), time.perf_counter() - started
     elapsed = time.perf_counter() - started
     del fn, args, kwargs
     try:
         data = pickle.dumps(result, PICKLE_PROTOCOL)
     except BaseException as exc:
-        channel.send(task_id, RESULT_NOT_SERIALIZABLE, pickle.dumps(_describe(exc)), elapsed)
-        return
+        return RESULT_NOT_SERIALIZABLE, pickle.dumps(_describe(exc)), elapsed
     if len(data) > limit:
-        channel.send(task_id, RESULT_TOO_LARGE, pickle.dumps(len(data)), elapsed)
-        return
-    channel.send(task_id, OK, data, elapsed)
+        return RESULT_TOO_LARGE, pickle.dumps(len(data)), elapsed
+    return OK, data, elapsed
 
 
 def main(argv: list[str]) -> None:
