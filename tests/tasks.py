@@ -111,3 +111,25 @@ def import_module(name: str) -> str:
     import importlib
 
     return importlib.import_module(name).__name__
+
+
+def crash_once(marker: str) -> str:
+    """Crash the worker the first time (no marker yet), succeed after."""
+    if not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        os._exit(9)
+    return "ok"
+
+
+_hoard: list[bytes] = []
+
+
+def hoard(megabytes: int) -> int:
+    """Keep ``megabytes`` MiB alive in the worker (resident memory stays up)."""
+    _hoard.append(os.urandom(megabytes * 2**20))
+    return os.getpid()
+
+
+def allocate(megabytes: int) -> int:
+    return len(bytearray(megabytes * 2**20))

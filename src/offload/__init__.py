@@ -16,7 +16,7 @@ Layers, each importing only those below it::
 from . import builtins, tasks
 from ._manager import WorkerManager
 from ._stats import Stats, TaskRecord
-from ._task import Priority, Task, task
+from ._task import Priority, Retry, Task, task
 from .errors import (
     DecryptFailed,
     InvalidInput,
@@ -26,6 +26,7 @@ from .errors import (
     OffloadError,
     OutputTooLarge,
     PayloadTooLarge,
+    PoisonTask,
     QueueFull,
     TaskFailed,
     TaskTimeout,
@@ -46,8 +47,10 @@ __all__ = (
     "OffloadError",
     "OutputTooLarge",
     "PayloadTooLarge",
+    "PoisonTask",
     "Priority",
     "QueueFull",
+    "Retry",
     "Stats",
     "Task",
     "TaskFailed",

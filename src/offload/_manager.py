@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import itertools
 import logging
 import os
 import pickle
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Final, Literal, Self, TypeVar, TypeVarTuple
@@ -18,13 +20,23 @@ from . import _worker as wire
 from ._pool import Backend, Pool, PoolConfig, WorkerKind
 from ._queue import Job, JobState
 from ._stats import Stats, StatsRecorder, TaskRecord
-from ._task import Priority, PriorityLike, RegisteredTask, Task, coerce_timeout, task_from_dict
+from ._task import (
+    Priority,
+    PriorityLike,
+    RegisteredTask,
+    Retry,
+    Task,
+    coerce_retry,
+    coerce_timeout,
+    task_from_dict,
+)
 from .errors import (
     InvalidTask,
     ManagerClosed,
     NotSerializable,
     OffloadError,
     PayloadTooLarge,
+    PoisonTask,
     QueueFull,
     TaskTimeout,
     UnsupportedKind,
@@ -80,6 +92,21 @@ class WorkerManager:
             before its interpreter is quarantined and replaced.
         on_task_done: called on the event loop with a ``TaskRecord`` when each accepted task
             gets its outcome (for logs and metrics; keep it fast, exceptions are logged).
+        retry: the default ``Retry`` policy (or a number of attempts) for tasks that set none;
+            by default nothing is retried.
+        poison_after: refuse (``POISON_TASK``) a task identical to one that already crashed
+            workers this many times, so one bad input cannot keep killing the pool;
+            ``None`` turns this off.
+        spare_workers: process workers kept started and idle, so a lost or recycled worker is
+            replaced at once (default 1 for ``kind="process"``).
+        max_tasks_per_worker: recycle a worker after this many tasks.
+        max_worker_memory: recycle a process worker whose resident memory (checked between
+            tasks) is over this many bytes.
+        worker_memory_limit: a hard address-space limit per process worker (``RLIMIT_AS``,
+            bytes): an allocation over it raises ``MemoryError`` in the task.
+        max_worker_age: recycle a worker older than this many seconds (checked when idle).
+        health_interval: ping idle workers every this many seconds (``None``: never); one that
+            does not answer within ``health_timeout`` seconds is hung and is replaced.
     """
 
     def __init__(
@@ -95,6 +122,15 @@ class WorkerManager:
         start_timeout: float = 30.0,
         interrupt_grace: float = 0.25,
         on_task_done: Callable[[TaskRecord], None] | None = None,
+        retry: Retry | int | None = None,
+        poison_after: int | None = 3,
+        spare_workers: int = 1,
+        max_tasks_per_worker: int | None = None,
+        max_worker_memory: int | None = None,
+        worker_memory_limit: int | None = None,
+        max_worker_age: float | None = None,
+        health_interval: float | None = 5.0,
+        health_timeout: float = 10.0,
     ) -> None:
         if kind == "dask":
             from .dask import DaskKind  # optional: needs the `dask` extra
@@ -117,6 +153,9 @@ class WorkerManager:
             ("max_queue", max_queue, 0),
             ("process_workers", process_workers, 0),
             ("max_payload", max_payload, 1),
+            ("spare_workers", spare_workers, 0),
+            ("poison_after", 1 if poison_after is None else poison_after, 1),
+            ("max_tasks_per_worker", max_tasks_per_worker or 1, 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, not {value!r}")
@@ -128,11 +167,29 @@ class WorkerManager:
         self.max_payload = max_payload
         self.default_timeout = coerce_timeout(default_timeout)
         self.shutdown_grace = shutdown_grace
+        self.default_retry = coerce_retry(retry)
         self._workers = workers
         self._process_workers = process_workers
-        self._start_timeout = start_timeout
-        self._interrupt_grace = interrupt_grace
         self._on_task_done = on_task_done
+        self._poison_after = poison_after
+        self._crashes: OrderedDict[bytes, int] = OrderedDict()  # payload digest -> crashes
+        self._config = PoolConfig(
+            settings={
+                "sys_path": [],  # filled in at start
+                "max_payload": max_payload,
+                "max_rss": max_worker_memory,
+                "rlimit_as": worker_memory_limit,
+            },
+            start_timeout=start_timeout,
+            interrupt_grace=interrupt_grace,
+            on_restart=self._count_restart,
+            on_recycle=self._count_recycle,
+            spare_workers=spare_workers,
+            max_tasks_per_worker=max_tasks_per_worker,
+            max_worker_age=max_worker_age,
+            health_interval=health_interval,
+            health_timeout=health_timeout,
+        )
         self._state = _State.NEW
         self._pools: dict[str, Backend] = {}
         self._stats = StatsRecorder()
@@ -170,14 +227,8 @@ class WorkerManager:
         self._loop = asyncio.get_running_loop()
         self._drained = asyncio.Event()
         self._closed_event = asyncio.Event()
-        settings = {
-            "sys_path": list(sys.path),
-            "main": _main_reference(),
-            "max_payload": self.max_payload,
-        }
-        config = PoolConfig(
-            settings, self._start_timeout, self._interrupt_grace, self._count_restart
-        )
+        config = self._config
+        config.settings.update(sys_path=list(sys.path), main=_main_reference())
         if self._kind_object is not None:
             self._pools[self.kind] = self._kind_object.create_pool(self._workers, self, config)
         else:
@@ -248,6 +299,7 @@ class WorkerManager:
         priority: PriorityLike = Priority.NORMAL,
         timeout: float | None = None,
         task_id: str | None = None,
+        retry: Retry | int | None = None,
     ) -> R:
         """Run ``fn(*args)`` on a worker and return its result.
 
@@ -256,7 +308,9 @@ class WorkerManager:
         ``fn`` must be picklable by reference (a module-level function). For keyword
         arguments, pass ``functools.partial(fn, key=value)``.
         """
-        task = Task(fn, args=tuple(args), priority=priority, timeout=timeout, id=task_id)
+        task = Task(
+            fn, args=tuple(args), priority=priority, timeout=timeout, id=task_id, retry=retry
+        )
         result: R = await self._submit(task, self._pools_for(None))
         return result
 
@@ -297,6 +351,37 @@ class WorkerManager:
         return "the manager is shut down and takes no more tasks"
 
     async def _submit(self, task: Task, pool: Backend) -> Any:
+        policy = coerce_retry(task.retry) if task.retry is not None else self.default_retry
+        timeout = task.timeout if task.timeout is not None else self.default_timeout
+        payload = self._pickle_call(task)
+        if self._crashes:
+            self._refuse_poison(task, payload)
+        if policy is None:
+            return await self._attempt(task, pool, payload, timeout)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        attempt = 0
+        while True:
+            try:
+                return await self._attempt(task, pool, payload, timeout)
+            except OffloadError as exc:
+                attempt += 1
+                if exc.code not in policy.on or attempt > policy.attempts:
+                    raise
+                delay = policy.delay(attempt)
+                if deadline is not None:
+                    timeout = deadline - loop.time() - delay
+                    if timeout <= 0:
+                        raise
+                if self._crashes:
+                    self._refuse_poison(task, payload)
+                self._stats.retried += 1
+                await asyncio.sleep(delay)
+                pool = self._pools_for(None) if pool.kind == self.kind else pool
+
+    async def _attempt(
+        self, task: Task, pool: Backend, payload: bytes, timeout: float | None
+    ) -> Any:
         if len(pool.queue) >= self.max_queue and not pool.has_room():
             self._stats.rejected += 1
             raise QueueFull(
@@ -304,10 +389,8 @@ class WorkerManager:
                 "retry later, or raise max_queue or workers",
                 task_id=task.id,
             )
-        payload = self._pickle_call(task)
         loop = self._loop
         assert loop is not None
-        timeout = task.timeout if task.timeout is not None else self.default_timeout
         job = Job(
             next(self._seq),
             task.priority,  # type: ignore[arg-type]  # coerced by Task
@@ -329,6 +412,22 @@ class WorkerManager:
             if job.state is not JobState.DONE:
                 pool.stop(job, "cancelled")
             raise
+
+    def _refuse_poison(self, task: Task, payload: bytes) -> None:
+        crashes = self._crashes.get(_digest(payload), 0)
+        if self._poison_after is not None and crashes >= self._poison_after:
+            raise PoisonTask(
+                f"not run: this exact task (same function and arguments) crashed workers "
+                f"{crashes} times; fix the input or the function",
+                task_id=task.id,
+            )
+
+    def _note_crash(self, job: Job) -> None:
+        key = _digest(job.payload)
+        self._crashes[key] = self._crashes.get(key, 0) + 1
+        self._crashes.move_to_end(key)
+        while len(self._crashes) > 1024:
+            self._crashes.popitem(last=False)
 
     def _pickle_call(self, task: Task) -> bytes:
         try:
@@ -390,6 +489,7 @@ class WorkerManager:
                 stats.cancelled += 1
             elif isinstance(error, WorkerCrashed):
                 stats.crashed += 1
+                self._note_crash(job)
             elif isinstance(error, ManagerClosed):
                 stats.shutdown += 1
             else:
@@ -427,6 +527,9 @@ class WorkerManager:
     def _count_restart(self) -> None:
         self._stats.worker_restarts += 1
 
+    def _count_recycle(self) -> None:
+        self._stats.worker_recycles += 1
+
     # -- observing -------------------------------------------------------------------------
 
     def stats(self) -> Stats:
@@ -455,6 +558,10 @@ def _main_reference() -> tuple[str, str] | None:
     if isinstance(path, str):
         return ("path", os.path.abspath(path))
     return None
+
+
+def _digest(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, digest_size=16).digest()
 
 
 def _first_line(exc: BaseException) -> str:

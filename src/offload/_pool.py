@@ -23,7 +23,6 @@ from ._queue import Job, JobQueue, JobState
 from .errors import ManagerClosed, OffloadError, TaskTimeout, WorkerCrashed, WorkerStartFailed
 from .workers import InterpreterWorker, ProcessWorker, Worker
 
-
 __all__ = ("Backend", "Ledger", "Pool", "PoolConfig", "WorkerKind")
 
 log = logging.getLogger("offload")
@@ -43,10 +42,16 @@ class Ledger(Protocol):
 class PoolConfig:
     """What the manager tells every pool it creates."""
 
-    settings: dict[str, Any]  # sent to each worker at start (sys.path, __main__, max_payload)
+    settings: dict[str, Any]  # sent to each worker at start (sys.path, __main__, limits)
     start_timeout: float
     interrupt_grace: float
     on_restart: Callable[[], None]
+    on_recycle: Callable[[], None] = lambda: None
+    spare_workers: int = 0
+    max_tasks_per_worker: int | None = None
+    max_worker_age: float | None = None
+    health_interval: float | None = None
+    health_timeout: float = 10.0
 
 
 class Backend(Protocol):
@@ -86,66 +91,89 @@ def stopped_error(ledger: Ledger, job: Job, reason: str) -> BaseException:
 
 
 class Pool:
-    """Workers of one kind, a priority queue, and the rules that connect them."""
+    """Workers of one kind, a priority queue, and the rules that connect them.
+
+    Slots never stay empty for long: a lost worker's slot goes to a warm spare at once (process
+    kind) while a new spare starts; a worker due for recycling (task count, memory, age) keeps
+    working until its replacement is ready, then finishes what it holds and exits.
+    """
 
     def __init__(self, kind: str, size: int, ledger: Ledger, config: PoolConfig) -> None:
         self.kind = kind
         self.size = size
         self.queue = JobQueue()
         self.workers: list[Worker] = []
+        self.spares: list[Worker] = []  # started and ready, holding no slot yet
         self._ledger = ledger
-        self._settings = config.settings
-        self._start_timeout = config.start_timeout
+        self._config = config
         self._interrupt_grace = config.interrupt_grace
-        self._on_restart = config.on_restart
         self._worker_class: type[Worker] = (
             InterpreterWorker if kind == "interpreter" else ProcessWorker
         )
+        self._spare_count = config.spare_workers if kind == "process" else 0
         self._numbers = itertools.count(1)
-        self._starting: set[asyncio.Task[Any]] = set()  # replacements: cancelled on close
+        self._starting: set[asyncio.Task[Any]] = set()  # new workers: cancelled on close
         self._reaping: set[asyncio.Task[Any]] = set()  # outcomes after exits: awaited on close
-        self._retiring: set[Worker] = set()  # quarantined or killed, not yet gone
+        self._retiring: set[Worker] = set()  # quarantined, killed or draining, not yet gone
+        self._health: asyncio.Task[None] | None = None
         self._start_failures = 0
         self.closing = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start every worker at once; if one fails, stop the others and raise."""
+        """Start every worker (and spare) at once; if one fails, stop the others and raise."""
         results = await asyncio.gather(
-            *(self._start_worker() for _ in range(self.size)), return_exceptions=True
+            *(self._start_worker(spare=False) for _ in range(self.size)),
+            *(self._start_worker(spare=True) for _ in range(self._spare_count)),
+            return_exceptions=True,
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await self.aclose(grace=0)
             raise errors[0]
+        if self._config.health_interval:
+            self._health = asyncio.get_running_loop().create_task(self._check_health())
 
-    async def _start_worker(self) -> Worker:
+    async def _start_worker(self, *, spare: bool) -> Worker:
         worker = self._worker_class(self, next(self._numbers))
-        await worker.start(self._settings, self._start_timeout)
+        await worker.start(self._config.settings, self._config.start_timeout)
         if self.closing:
             worker.close()
             await worker.wait_closed(5.0)
             raise asyncio.CancelledError
-        self.workers.append(worker)
-        self.pump()
+        if spare:
+            self.spares.append(worker)
+        else:
+            self.workers.append(worker)
+            self.pump()
         return worker
 
     def _replace_soon(self) -> None:
-        """Start a worker for a lost slot in the background, backing off if starts fail."""
+        """A worker was lost (crashed, killed, quarantined): refill its slot."""
         if self.closing:
             return
-        self._on_restart()
-        self._background_task(self._replace(), self._starting)
+        self._config.on_restart()
+        self._fill_slot()
 
-    async def _replace(self) -> None:
+    def _fill_slot(self) -> None:
+        """A slot fell empty: a spare takes it now, and a new spare (or worker) starts."""
+        if self.closing:
+            return
+        if self.spares:
+            self.workers.append(self.spares.pop())
+            self.pump()
+            self._background_task(self._start_until_ready(spare=True), self._starting)
+        else:
+            self._background_task(self._start_until_ready(spare=False), self._starting)
+
+    async def _start_until_ready(self, *, spare: bool) -> Worker | None:
+        """Start a worker in the background, backing off (with jitter) while starts fail."""
         while not self.closing:
             try:
-                await self._start_worker()
-                self._start_failures = 0
-                return
+                worker = await self._start_worker(spare=spare)
             except asyncio.CancelledError:
-                return
+                return None
             except OffloadError as exc:
                 self._start_failures += 1
                 delay = min(5.0, 0.05 * 2**self._start_failures) * (0.5 + random.random())
@@ -158,6 +186,10 @@ class Pool:
                         )
                     )
                 await asyncio.sleep(delay)
+            else:
+                self._start_failures = 0
+                return worker
+        return None
 
     @staticmethod
     def _background_task(coro: Any, into: set[asyncio.Task[Any]]) -> None:
@@ -168,14 +200,86 @@ class Pool:
     async def aclose(self, grace: float) -> None:
         """Stop taking work, close every worker (waiting up to ``grace`` s), reap them."""
         self.closing = True
+        if self._health is not None:
+            self._health.cancel()
         for task in list(self._starting):
             task.cancel()
-        workers = self.workers + list(self._retiring)
+        workers = self.workers + self.spares + list(self._retiring)
         self.workers = []
+        self.spares = []
         for worker in workers:
             worker.close()
         await asyncio.gather(*(w.wait_closed(max(grace, 0.5)) for w in workers))
         await asyncio.gather(*self._starting, *self._reaping, return_exceptions=True)
+        if self._health is not None:
+            await asyncio.gather(self._health, return_exceptions=True)
+
+    # -- recycling and health --------------------------------------------------------------
+
+    def recycle(self, worker: Worker, why: str) -> None:
+        """Replace ``worker`` without a dip in capacity: the replacement first, then retire it."""
+        if worker.draining or worker.retired or self.closing or worker not in self.workers:
+            return
+        worker.draining = True
+        log.info("offload: recycling %s (%s)", worker.ident, why)
+        self._config.on_recycle()
+        if self.spares:
+            self._fill_slot()
+            self._retire_gracefully(worker)
+        else:
+            self._background_task(self._replace_then_retire(worker), self._starting)
+
+    async def _replace_then_retire(self, worker: Worker) -> None:
+        if await self._start_until_ready(spare=False) is not None:
+            self._retire_gracefully(worker)
+
+    def _retire_gracefully(self, worker: Worker) -> None:
+        """No new work for ``worker``; it exits once what it holds is done."""
+        if worker in self.workers:
+            self.workers.remove(worker)
+        self._retiring.add(worker)
+        if not worker.inflight:
+            self._close_drained(worker)
+
+    def _close_drained(self, worker: Worker) -> None:
+        worker.close()
+        self._background_task(self._forget_when_gone(worker), self._reaping)
+
+    async def _check_health(self) -> None:
+        """Ping idle workers; one that does not answer in time is hung: replace it."""
+        config = self._config
+        assert config.health_interval
+        loop = asyncio.get_running_loop()
+        while not self.closing:
+            await asyncio.sleep(config.health_interval)
+            now = loop.time()
+            for worker in [*self.workers, *self.spares]:
+                if worker.retired or worker.draining:
+                    continue
+                if worker.inflight:  # busy: deadlines watch it; ping again once it is idle
+                    worker.ping_sent = None
+                    continue
+                if worker.ping_sent is not None:
+                    if now - worker.ping_sent > config.health_timeout:
+                        self._hung(worker)
+                    continue
+                if config.max_worker_age and now - worker.started_at > config.max_worker_age:
+                    self.recycle(worker, f"older than {config.max_worker_age:g} s")
+                    continue
+                worker.ping(now)
+
+    def _hung(self, worker: Worker) -> None:
+        log.warning(
+            "offload: %s did not answer a health check within %.1f s; replacing it",
+            worker.ident,
+            self._config.health_timeout,
+        )
+        if isinstance(worker, ProcessWorker):
+            worker.kill()  # on_lost replaces it
+        elif isinstance(worker, InterpreterWorker):
+            worker.quarantine()
+            self._retire(worker)
+            self._background_task(self._forget_when_gone(worker), self._reaping)
 
     def worker_pids(self) -> list[int]:
         return [w.pid for w in self.workers if isinstance(w, ProcessWorker) and w.pid]
@@ -280,6 +384,12 @@ class Pool:
             return
         job = worker.inflight.popleft()
         worker.tasks_done += 1
+        if worker.draining and not worker.inflight:
+            self._close_drained(worker)
+        elif self._config.max_tasks_per_worker and (
+            worker.tasks_done >= self._config.max_tasks_per_worker
+        ):
+            self.recycle(worker, f"{worker.tasks_done} tasks done")
         if job.state is JobState.SENT:
             if job.stopping is not None:
                 self._settle_stopped(job, job.stopping, seconds)
@@ -305,15 +415,19 @@ class Pool:
 
     def _retire(self, worker: Worker) -> None:
         """Take ``worker`` out of service: requeue what waits behind its task, refill its slot."""
-        if worker in self.workers:
+        had_slot = worker in self.workers
+        if had_slot:
             self.workers.remove(worker)
+        elif worker in self.spares:
+            self.spares.remove(worker)
         self._retiring.add(worker)
         held = list(worker.inflight)
         worker.inflight.clear()
         if held:
             worker.inflight.append(held[0])  # settled when the worker is gone (see _after_exit)
         self._requeue([job for job in held[1:] if job.state is JobState.SENT])
-        self._replace_soon()
+        if had_slot or not worker.draining:  # a draining worker's slot is refilled already
+            self._replace_soon()
         self.pump()
 
     def _requeue(self, jobs: list[Job]) -> None:

@@ -34,6 +34,8 @@ class Stats:
     crashed: int = 0  #: WORKER_CRASHED
     shutdown: int = 0  #: cancelled by shutdown (SHUTDOWN)
     worker_restarts: int = 0  #: workers replaced after a crash, a kill or a quarantine
+    worker_recycles: int = 0  #: workers replaced by policy (task count, memory, age)
+    retried: int = 0  #: retry attempts made under a ``Retry`` policy
     wait_p50: float = 0.0
     wait_p95: float = 0.0
     wait_p99: float = 0.0
@@ -81,6 +83,8 @@ class StatsRecorder:
         self.crashed = 0
         self.shutdown = 0
         self.worker_restarts = 0
+        self.worker_recycles = 0
+        self.retried = 0
         self.waits: deque[float] = deque(maxlen=_SAMPLES)
         self.runs: deque[float] = deque(maxlen=_SAMPLES)
 
@@ -106,6 +110,8 @@ class StatsRecorder:
             crashed=self.crashed,
             shutdown=self.shutdown,
             worker_restarts=self.worker_restarts,
+            worker_recycles=self.worker_recycles,
+            retried=self.retried,
             wait_p50=w50,
             wait_p95=w95,
             wait_p99=w99,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import enum
 import math
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
 from .errors import InvalidTask, UnknownTask
 
-__all__ = ("Priority", "PriorityLike", "RegisteredTask", "Task", "registered", "task")
+__all__ = ("Priority", "PriorityLike", "RegisteredTask", "Retry", "Task", "registered", "task")
 
 KindName = Literal["process", "interpreter", "dask"]
 ALL_KINDS: Final = frozenset({"process", "interpreter", "dask"})
@@ -53,6 +54,47 @@ def coerce_timeout(value: object) -> float | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Retry:
+    """Run a task again when it ends with one of the ``on`` codes, up to ``attempts`` more times.
+
+    >>> Retry(attempts=2).delay(1) <= 0.2
+    True
+
+    Waits ``backoff * 2**(attempt - 1)`` seconds (at most ``max_backoff``), times a random
+    factor in [0.5, 1.5) when ``jitter`` is on. Retries stay inside the task's deadline. By
+    default only ``WORKER_CRASHED`` is retried: an exception raised by the task itself would
+    most likely be raised again.
+    """
+
+    attempts: int = 3
+    backoff: float = 0.1
+    max_backoff: float = 5.0
+    jitter: bool = True
+    on: frozenset[str] = frozenset({"WORKER_CRASHED"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            raise InvalidTask(f"Retry.attempts must be an int, not {self.attempts!r}")
+        if self.attempts < 0 or self.backoff < 0 or self.max_backoff < 0:
+            raise InvalidTask("Retry attempts and delays must be >= 0")
+        object.__setattr__(self, "on", frozenset(self.on))
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based)."""
+        base = min(self.max_backoff, self.backoff * 2.0 ** (attempt - 1))
+        return base * (0.5 + random.random()) if self.jitter else base
+
+
+def coerce_retry(value: object) -> Retry | None:
+    """``None``, a ``Retry``, or a number of attempts (``0`` means none)."""
+    if value is None or isinstance(value, Retry):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Retry(attempts=value) if value else None
+    raise InvalidTask(f"retry must be a Retry, a number of attempts or None, not {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class Task:
     """A callable and its arguments, with queue options.
 
@@ -70,6 +112,8 @@ class Task:
     timeout: float | None = None
     #: Free-form identifier echoed in errors (``OffloadError.task_id``) and stats.
     id: str | None = None
+    #: Retry policy (or a number of attempts); ``None`` takes the manager's default.
+    retry: Retry | int | None = None
 
     def __post_init__(self) -> None:
         fn: object = self.fn  # typed callers cannot get this wrong; untyped ones can
@@ -78,6 +122,7 @@ class Task:
         object.__setattr__(self, "args", tuple(self.args))
         object.__setattr__(self, "priority", coerce_priority(self.priority))
         object.__setattr__(self, "timeout", coerce_timeout(self.timeout))
+        object.__setattr__(self, "retry", coerce_retry(self.retry))
 
     def __repr__(self) -> str:
         # Never show argument values: they may hold secrets.
@@ -159,7 +204,7 @@ def registered_names() -> list[str]:
     return sorted(_registry)
 
 
-_DICT_KEYS: Final = frozenset({"id", "type", "data", "priority", "timeout"})
+_DICT_KEYS: Final = frozenset({"id", "type", "data", "priority", "timeout", "retries"})
 
 
 def task_from_dict(spec: Mapping[str, Any]) -> tuple[Task, RegisteredTask]:
@@ -184,6 +229,7 @@ def task_from_dict(spec: Mapping[str, Any]) -> tuple[Task, RegisteredTask]:
                 priority=spec.get("priority", Priority.NORMAL),
                 timeout=spec.get("timeout"),
                 id=task_id,
+                retry=spec.get("retries"),
             ),
             entry,
         )

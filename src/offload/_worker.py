@@ -7,9 +7,11 @@ subinterpreter, so a worker starts without paying for the parent package's impor
 Wire format, both directions: a fixed header ``<QBQd`` (task id, tag, payload length, run
 seconds) followed by the payload. Parent -> worker: ``INIT`` (settings), ``RUN`` (a pickled
 ``(fn, args, kwargs)``), ``CANCEL`` (skip a task that has not started). Worker -> parent:
-``READY`` then one answer per ``RUN``, in order. A third pipe, the control pipe, carries
-interrupt requests (interpreter workers) and is the worker's lifeline: when the parent goes
-away, its end closes and a process worker exits at once.
+``READY`` then one answer per ``RUN``, in order, plus ``PONG`` (answer to a health ping) and
+``RECYCLE`` (over the memory ceiling) at any time. A third pipe, the control pipe, carries
+8-byte words: a task id to interrupt (interpreter workers) or, with the top bit set, a health
+ping. It is also the worker's lifeline: when the parent goes away, its end closes and a process
+worker exits at once.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ RESULT_TOO_LARGE = 14  # payload: pickled size in bytes
 LOAD_FAILED = 15  # the task could not be unpickled here; payload as RAISED
 CANCELLED = 16  # a CANCEL arrived before the task started
 INTERRUPTED = 17  # the running task was stopped by an interrupt (interpreter workers)
+PONG = 18  # task id field: the ping's number
+RECYCLE = 19  # payload: pickled resident memory in bytes, over the ceiling
+
+PING_BIT = 1 << 63  # a control word with this bit is a health ping, not an interrupt
 
 PICKLE_PROTOCOL = 5
 _READ_CHUNK = 1 << 20
@@ -103,6 +109,7 @@ class _Channel:
         self.cancelled: set[int] = set()  # tasks to skip (CANCEL frames are taken in here)
         self.last_started = 0
         self.eof = False
+        self.send_lock = threading.Lock()  # the watcher thread answers pings too
 
     def _fill(self, block: bool) -> None:
         if not block and not select.select([self.rfd], [], [], 0)[0]:
@@ -152,9 +159,10 @@ class _Channel:
     def send(self, task_id: int, tag: int, payload: bytes = b"", seconds: float = 0.0) -> None:
         data = HEADER.pack(task_id, tag, len(payload), seconds) + payload
         view = memoryview(data)
-        while view:
-            written = os.write(self.wfd, view)
-            view = view[written:]
+        with self.send_lock:
+            while view:
+                written = os.write(self.wfd, view)
+                view = view[written:]
 
 
 def _describe(exc: BaseException) -> tuple[str, str]:
@@ -181,8 +189,9 @@ class _Interrupter:
     for a task that has not started yet is kept, and that task never starts.
     """
 
-    def __init__(self, ctl_fd: int, exit_on_eof: bool) -> None:
+    def __init__(self, ctl_fd: int, exit_on_eof: bool, channel: _Channel) -> None:
         self.ctl_fd = ctl_fd
+        self.channel = channel
         self.exit_on_eof = exit_on_eof
         self.lock = threading.Lock()
         self.running: int | None = None
@@ -204,6 +213,9 @@ class _Interrupter:
                     os._exit(0)  # the parent is gone: never outlive it
                 return
             task_id = int.from_bytes(data, "little")
+            if task_id & PING_BIT:  # answered from this thread: alive even while a task runs
+                self.channel.send(task_id & ~PING_BIT, PONG)
+                continue
             with self.lock:
                 if self.running == task_id:
                     self.delivered = True
@@ -236,6 +248,17 @@ def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> None:
     )
 
 
+def _resident_bytes() -> int:
+    """This process's resident memory now (Linux), else its peak (other Unixes)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any = None) -> None:
     """Run tasks until the parent closes the task pipe (or, in a process, the control pipe).
 
@@ -251,7 +274,13 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
     sys.path[:] = settings["sys_path"]
     _Unpickler.main = settings.get("main")
     max_payload: int = settings["max_payload"]
-    interrupter = _Interrupter(ctl_fd, exit_on_eof=in_process)
+    max_rss: int | None = settings.get("max_rss") if in_process else None
+    if in_process and settings.get("rlimit_as"):
+        import resource
+
+        limit = int(settings["rlimit_as"])
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    interrupter = _Interrupter(ctl_fd, exit_on_eof=in_process, channel=channel)
     channel.send(0, READY, pickle.dumps({"pid": os.getpid()}))
     try:
         while True:
@@ -267,6 +296,8 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
             tag, answer, seconds = execute(payload, max_payload, interrupter, task_id)
             del payload
             channel.send(task_id, tag, answer, seconds)
+            if max_rss is not None and (rss := _resident_bytes()) > max_rss:
+                channel.send(0, RECYCLE, pickle.dumps(rss))
     finally:
         if not in_process:
             interrupter.thread.join()  # ends when the parent closes the control pipe

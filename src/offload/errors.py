@@ -7,6 +7,7 @@ The tree::
     ├── TaskTimeout        TIMEOUT              the deadline passed (also TimeoutError)
     ├── TaskFailed         WORKER_ERROR         the task raised; its exception can't be rebuilt
     ├── WorkerCrashed      WORKER_CRASHED       the worker died while running the task
+    │   └── PoisonTask     POISON_TASK          refused: the same task crashed workers before
     ├── NotSerializable    NOT_SERIALIZABLE     an argument or result cannot be pickled
     ├── PayloadTooLarge    PAYLOAD_TOO_LARGE    an argument or result is over the payload limit
     ├── UnknownTask        UNKNOWN_TASK         a dict task names no registered type
@@ -44,6 +45,7 @@ __all__ = (
     "OffloadError",
     "OutputTooLarge",
     "PayloadTooLarge",
+    "PoisonTask",
     "QueueFull",
     "TaskFailed",
     "TaskTimeout",
@@ -133,6 +135,13 @@ class WorkerCrashed(OffloadError):
     """
 
     code = "WORKER_CRASHED"
+
+
+class PoisonTask(WorkerCrashed):
+    """Refused without running: an identical task (same function and arguments) already
+    crashed workers ``poison_after`` times. Fix the input; retrying will not help."""
+
+    code = "POISON_TASK"
 
 
 class NotSerializable(OffloadError):

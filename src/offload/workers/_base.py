@@ -29,6 +29,8 @@ class WorkerEvents(Protocol):
 
     def on_lost(self, worker: Worker) -> None: ...
 
+    def recycle(self, worker: Worker, why: str) -> None: ...
+
 
 class Worker(abc.ABC):
     """One worker: a process or an interpreter, running one task at a time, in order.
@@ -46,7 +48,11 @@ class Worker(abc.ABC):
         self.connection: Connection | None = None
         self.ready = False
         self.retired = False  # no longer takes work (being replaced, stopped or gone)
+        self.draining = False  # being recycled: finishes what it holds, then exits
         self.tasks_done = 0
+        self.started_at = 0.0  # loop time when it became ready
+        self.ping_sent: float | None = None  # loop time of the unanswered health ping
+        self._pings = 0
         self._next_wire_id = 0
         self._ready_future: asyncio.Future[dict[str, Any]] | None = None
         self._control_fd = -1
@@ -94,6 +100,7 @@ class Worker(abc.ABC):
             await asyncio.shield(self.kill_and_wait())
             raise
         self.ready = True
+        self.started_at = loop.time()
 
     @abc.abstractmethod
     async def _launch(self, task_r: int, answer_w: int, control_r: int) -> None:
@@ -105,6 +112,14 @@ class Worker(abc.ABC):
             os.close(fd)
 
     def _on_frame(self, task_id: int, tag: int, payload: memoryview, seconds: float) -> None:
+        if tag == wire.PONG:
+            if task_id == self._pings:
+                self.ping_sent = None
+            return
+        if tag == wire.RECYCLE:
+            rss = pickle.loads(payload)
+            self.events.recycle(self, f"resident memory {rss / 2**20:.0f} MiB over the ceiling")
+            return
         if tag == wire.READY:
             if self._ready_future is not None and not self._ready_future.done():
                 self._ready_future.set_result(pickle.loads(payload))
@@ -143,9 +158,18 @@ class Worker(abc.ABC):
 
     def interrupt(self, job: Job) -> None:
         """Send an interrupt request for ``job`` down the control pipe."""
+        self._control(job.wire_id)
+
+    def _control(self, word: int) -> None:
         if self._control_fd >= 0:
             with contextlib.suppress(OSError):
-                os.write(self._control_fd, job.wire_id.to_bytes(8, "little"))
+                os.write(self._control_fd, word.to_bytes(8, "little"))
+
+    def ping(self, now: float) -> None:
+        """Send a health ping; the worker's watcher thread answers ``PONG`` at once."""
+        self._pings += 1
+        self.ping_sent = now
+        self._control(self._pings | wire.PING_BIT)
 
     # -- stop ------------------------------------------------------------------------------
 

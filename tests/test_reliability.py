@@ -1,0 +1,176 @@
+"""Worker recycling, health checks, start failures, retries and poison tasks (real workers)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import tasks
+from offload import (
+    PoisonTask,
+    Retry,
+    Task,
+    WorkerCrashed,
+    WorkerManager,
+    WorkerStartFailed,
+)
+
+pytestmark = pytest.mark.asyncio
+
+
+def manager(**options: Any) -> WorkerManager:
+    options.setdefault("workers", 1)
+    options.setdefault("shutdown_grace", 5.0)
+    return WorkerManager(**options)
+
+
+async def until(condition: Any, seconds: float = 5.0) -> None:
+    """Wait for a state the manager reaches in the background (bounded)."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_retry_after_a_crash_succeeds(tmp_path: Path) -> None:
+    marker = str(tmp_path / "crashed")
+    async with manager() as wm:
+        assert await wm.run(tasks.crash_once, marker, retry=Retry(attempts=2, backoff=0)) == "ok"
+        stats = wm.stats()
+    assert (stats.crashed, stats.retried, stats.completed) == (1, 1, 1)
+
+
+async def test_retries_are_exhausted_and_own_exceptions_not_retried() -> None:
+    async with manager(poison_after=None) as wm:
+        with pytest.raises(WorkerCrashed):
+            await wm.run(tasks.exit_now, retry=Retry(attempts=2, backoff=0))
+        assert wm.stats().crashed == 3
+        with pytest.raises(ValueError):
+            await wm.run(tasks.boom, retry=3)
+        assert wm.stats().retried == 2  # only the crashes were retried
+
+
+async def test_dict_task_retries_key(tmp_path: Path) -> None:
+    marker = str(tmp_path / "crashed")
+    async with manager(retry=Retry(backoff=0)) as wm:
+        assert await wm.execute_task(Task(tasks.crash_once, args=(marker,))) == "ok"
+        assert wm.stats().retried == 1
+
+
+async def test_retry_stays_inside_the_deadline() -> None:
+    async with manager(poison_after=None) as wm:
+        with pytest.raises(WorkerCrashed):
+            await wm.run(tasks.exit_now, timeout=0.5, retry=Retry(attempts=50, backoff=0.2))
+        assert wm.stats().retried < 5
+
+
+async def test_poison_task_is_refused_after_repeated_crashes() -> None:
+    async with manager(poison_after=2) as wm:
+        for _ in range(2):
+            with pytest.raises(WorkerCrashed):
+                await wm.run(tasks.exit_now, 7)
+        restarts = wm.stats().worker_restarts
+        with pytest.raises(PoisonTask) as info:
+            await wm.run(tasks.exit_now, 7)
+        assert info.value.code == "POISON_TASK"
+        assert wm.stats().worker_restarts == restarts  # refused without touching a worker
+        with pytest.raises(WorkerCrashed):  # other arguments are another task
+            await wm.run(tasks.exit_now, 8)
+        assert await wm.run(tasks.add, 1, 1) == 2
+
+
+async def test_recycling_by_task_count_keeps_capacity() -> None:
+    async with manager(workers=2, max_tasks_per_worker=3) as wm:
+        pids = set()
+        for _ in range(12):
+            pids.add(await wm.run(tasks.pid))
+            assert wm.stats().workers == 2
+        await until(lambda: wm.stats().worker_recycles >= 3)
+        assert len(pids) >= 3
+        assert wm.stats().crashed == 0
+
+
+async def test_recycling_by_memory() -> None:
+    async with manager(max_worker_memory=150 * 2**20) as wm:
+        first = await wm.run(tasks.hoard, 200)
+        await until(lambda: wm.stats().worker_recycles == 1)
+        assert await wm.run(tasks.pid) != first
+        await until(lambda: not psutil.pid_exists(first))
+
+
+async def test_hard_memory_limit_raises_memory_error_in_the_task() -> None:
+    async with manager(worker_memory_limit=400 * 2**20) as wm:
+        with pytest.raises(MemoryError):
+            await wm.run(tasks.allocate, 1024)
+        assert await wm.run(tasks.allocate, 10) == 10 * 2**20  # the worker survived
+
+
+async def test_recycling_by_age() -> None:
+    async with manager(max_worker_age=0.2, health_interval=0.05) as wm:
+        (first,) = wm.worker_pids()
+        await until(lambda: wm.stats().worker_recycles >= 1)
+        assert await wm.run(tasks.pid) != first
+
+
+async def test_hung_idle_worker_is_replaced() -> None:
+    async with manager(health_interval=0.05, health_timeout=0.3) as wm:
+        (hung,) = wm.worker_pids()
+        os.kill(hung, signal.SIGSTOP)  # alive, but answers nothing
+        await until(lambda: wm.stats().worker_restarts == 1)
+        assert await wm.run(tasks.add, 2, 2) == 4
+        await until(lambda: not psutil.pid_exists(hung))
+
+
+async def test_spare_takes_a_crashed_slot_at_once() -> None:
+    async with manager(spare_workers=1) as wm:
+        with pytest.raises(WorkerCrashed):
+            await wm.run(tasks.exit_now)
+        assert wm.stats().workers == 1  # the spare stepped in before the caller heard
+        assert await wm.run(tasks.add, 1, 1) == 2
+
+
+async def test_worker_that_cannot_start_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONHOME", "/nonexistent")  # the interpreter cannot initialise
+    with pytest.raises(WorkerStartFailed) as info:
+        await manager(start_timeout=10).start()
+    assert info.value.code == "WORKER_START_FAILED"
+    assert "exited during start-up" in str(info.value)
+
+
+async def test_handshake_deadline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text("import time\ntime.sleep(30)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(WorkerStartFailed, match="did not become ready"):
+        await manager(start_timeout=0.5).start()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+async def test_workers_exit_when_their_parent_dies(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import asyncio, os, sys\n"
+        f"sys.path.insert(0, {str(Path(tasks.__file__).parent)!r})\n"
+        "import offload, tasks\n"
+        "async def main():\n"
+        "    async with offload.WorkerManager(workers=2) as wm:\n"
+        "        print(*wm.worker_pids(), flush=True)\n"
+        "        await wm.run(tasks.spin, 60)\n"
+        "asyncio.run(main())\n"
+    )
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), stdout=asyncio.subprocess.PIPE
+    )
+    assert parent.stdout is not None
+    pids = [int(p) for p in (await parent.stdout.readline()).split()]
+    parent.kill()  # no cleanup runs in the parent
+    await parent.wait()
+    for pid in pids:  # orphans re-parented to init: they exit through their lifeline
+        await until(lambda pid=pid: not psutil.pid_exists(pid))
