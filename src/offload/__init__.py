@@ -13,7 +13,8 @@ Layers, each importing only those below it::
     _connection / _worker      the pipe transport, parent side and worker side
 """
 
-from . import builtins, tasks
+from typing import TYPE_CHECKING, Any
+
 from ._manager import WorkerManager
 from ._stats import Stats, TaskRecord
 from ._task import Priority, Retry, Task, task
@@ -63,3 +64,16 @@ __all__ = (
     "WorkerStartFailed",
     "task",
 )
+
+if TYPE_CHECKING:
+    from . import builtins, tasks
+
+
+def __getattr__(name: str) -> Any:
+    # The built-in tasks load on first use (they register their types then): `import offload`
+    # stays cheap for code that never touches them.
+    if name in ("builtins", "tasks"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -191,6 +191,8 @@ def _ident(fn: Callable[..., Any]) -> str:
 
 def registered(name: str) -> RegisteredTask:
     """The registered type ``name``, or ``UnknownTask``."""
+    if name not in _registry and not _builtins_loaded():
+        import offload.tasks  # noqa: F401  (registers the built-in types)
     try:
         return _registry[name]
     except KeyError:
@@ -200,8 +202,16 @@ def registered(name: str) -> RegisteredTask:
 
 
 def registered_names() -> list[str]:
-    """Every registered type name, sorted."""
+    """Every registered type name, sorted (the built-in ones included)."""
+    if not _builtins_loaded():
+        import offload.tasks  # noqa: F401
     return sorted(_registry)
+
+
+def _builtins_loaded() -> bool:
+    import sys
+
+    return "offload.tasks" in sys.modules
 
 
 _DICT_KEYS: Final = frozenset({"id", "type", "data", "priority", "timeout", "retries"})
