@@ -69,9 +69,6 @@ class Job:
         self.stopping: str | None = None
         self.submitted_at = time.perf_counter()
 
-    def __lt__(self, other: Job) -> bool:
-        return (self.priority, self.seq) < (other.priority, other.seq)
-
     def __repr__(self) -> str:
         return f"<Job #{self.seq} {self.name} {self.priority.name} {self.state.value}>"
 
@@ -79,34 +76,35 @@ class Job:
 class JobQueue:
     """High before normal before low, FIFO within a priority; removal is O(1) (lazy).
 
-    A heap ordered by ``(priority, seq)``: a job requeued after its worker died keeps its
-    ``seq`` and so its place in line.
+    A heap of ``(priority, seq, job)`` (compared in C): a job requeued after its worker died
+    keeps its ``seq`` and so its place in line.
     """
 
     def __init__(self) -> None:
-        self._heap: list[Job] = []
+        self._heap: list[tuple[int, int, Job]] = []
         self._counts = dict.fromkeys(Priority, 0)
+        self._size = 0
 
     def __len__(self) -> int:
-        return (
-            self._counts[Priority.HIGH] + self._counts[Priority.NORMAL] + self._counts[Priority.LOW]
-        )
+        return self._size
 
     def counts(self) -> dict[Priority, int]:
         return dict(self._counts)
 
     def push(self, job: Job) -> None:
         job.state = JobState.QUEUED
-        heapq.heappush(self._heap, job)
+        heapq.heappush(self._heap, (job.priority, job.seq, job))
         self._counts[job.priority] += 1
+        self._size += 1
 
     def pop(self) -> Job | None:
         """The first waiting job, or ``None``."""
         heap = self._heap
         while heap:
-            job = heapq.heappop(heap)
+            job = heapq.heappop(heap)[2]
             if job.state is JobState.QUEUED:
                 self._counts[job.priority] -= 1
+                self._size -= 1
                 return job
         return None
 
@@ -115,12 +113,13 @@ class JobQueue:
         if job.state is JobState.QUEUED:
             job.state = JobState.DONE
             self._counts[job.priority] -= 1
-            if not len(self):
+            self._size -= 1
+            if not self._size:
                 self._heap.clear()
 
     def waiting(self) -> list[Job]:
         """Every waiting job, in no particular order."""
-        return [job for job in self._heap if job.state is JobState.QUEUED]
+        return [entry[2] for entry in self._heap if entry[2].state is JobState.QUEUED]
 
     def drain(self) -> list[Job]:
         """Remove and return every waiting job, in order."""
