@@ -414,3 +414,33 @@ async def test_bad_construction_arguments() -> None:
         WorkerManager(max_queue=-1)
     with pytest.raises(OffloadError):
         WorkerManager(kind="threads")  # type: ignore[arg-type]
+
+
+async def test_functions_and_classes_from_a_main_script(tmp_path: Path) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(
+        "import asyncio, offload\n"
+        "class Point:\n"
+        "    def __init__(self, x): self.x = x\n"
+        "def make(x): return Point(x * 2)\n"
+        "async def main():\n"
+        "    async with offload.WorkerManager(workers=1) as wm:\n"
+        "        p = await wm.run(make, 21)\n"
+        "        print(type(p).__name__, p.x, isinstance(p, Point))\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n"
+    )
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await child.communicate()
+    assert child.returncode == 0
+    assert out.decode().split() == ["Point", "42", "True"]
+
+
+async def test_memoryview_arguments_and_results() -> None:
+    async with manager() as wm:
+        view = memoryview(b"abc" * 1000)
+        result = await wm.run(tasks.echo, view)
+        assert isinstance(result, memoryview)
+        assert result.tobytes() == view.tobytes()

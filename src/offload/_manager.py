@@ -8,7 +8,6 @@ import hashlib
 import itertools
 import logging
 import os
-import pickle
 import sys
 import time
 from collections import OrderedDict
@@ -17,6 +16,7 @@ from types import TracebackType
 from typing import Any, Final, Literal, Self, TypeVar, TypeVarTuple
 
 from . import _worker as wire
+from ._outcome import alias_main
 from ._pool import Backend, Pool, PoolConfig, WorkerKind
 from ._queue import Job, JobState
 from ._stats import Stats, StatsRecorder, TaskRecord
@@ -229,6 +229,7 @@ class WorkerManager:
         self._closed_event = asyncio.Event()
         config = self._config
         config.settings.update(sys_path=list(sys.path), main=_main_reference())
+        alias_main()
         if self._kind_object is not None:
             self._pools[self.kind] = self._kind_object.create_pool(self._workers, self, config)
         else:
@@ -431,9 +432,7 @@ class WorkerManager:
 
     def _pickle_call(self, task: Task) -> bytes:
         try:
-            payload = pickle.dumps(
-                (task.fn, task.args, dict(task.kwargs)), protocol=wire.PICKLE_PROTOCOL
-            )
+            payload = wire.dumps((task.fn, task.args, dict(task.kwargs)))
         except Exception as exc:
             raise NotSerializable(
                 f"the task's function or arguments cannot be pickled: {type(exc).__name__}: "

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import pickle
+import sys
 from typing import Any
 
 from . import _worker as wire
@@ -23,17 +23,17 @@ class RemoteTraceback(Exception):
         return f'\n"""\n{self.tb}"""'
 
 
-class _Unpickler(pickle.Unpickler):
-    """Classes a worker defined in the caller's ``__main__`` come back as ``__mp_main__``."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "__mp_main__":
-            module = "__main__"
-        return super().find_class(module, name)
-
-
 def loads(data: bytes | memoryview) -> Any:
-    return _Unpickler(io.BytesIO(data)).load()
+    # A class a worker defined in the caller's __main__ comes back as __mp_main__: the manager
+    # aliases that name to __main__ when it starts (see alias_main).
+    return pickle.loads(data)
+
+
+def alias_main() -> None:
+    """Let ``__mp_main__`` (how workers name the caller's main module) resolve here too."""
+    main = sys.modules.get("__main__")
+    if main is not None:
+        sys.modules.setdefault("__mp_main__", main)
 
 
 def decode_answer(tag: int, payload: memoryview, kind: str, task_id: str | None) -> Any:

@@ -56,28 +56,19 @@ class _Interrupted(BaseException):
     """Raised asynchronously in the running task to stop it (interpreter workers)."""
 
 
-class _Unpickler(pickle.Unpickler):
-    """Loads the parent's ``__main__`` as ``__mp_main__`` on first use, as multiprocessing does."""
-
-    main: tuple[str, str] | None = None  # ("path", file) or ("module", name)
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "__main__":
-            module = "__mp_main__"
-            if module not in sys.modules:
-                _load_main(self.main)
-        return super().find_class(module, name)
+_main: tuple[str, str] | None = None  # the caller's __main__: ("path", file) or ("module", name)
 
 
-def _load_main(main: tuple[str, str] | None) -> None:
+def _load_main() -> None:
+    """Load the caller's ``__main__`` as ``__mp_main__`` (and alias it), as multiprocessing does."""
     import importlib.util
 
-    if main is None:
+    if _main is None:
         raise ImportError(
             "the task refers to __main__, but the caller's __main__ is not a file or module "
             "(interactive or -c); define task functions in an importable module"
         )
-    how, where = main
+    how, where = _main
     if how == "path":
         spec = importlib.util.spec_from_file_location("__mp_main__", where)
     else:
@@ -92,10 +83,34 @@ def _load_main(main: tuple[str, str] | None) -> None:
     except BaseException:
         del sys.modules["__mp_main__"]
         raise
+    sys.modules["__main__"] = module  # pickles name it __main__; this loop keeps its globals
 
 
 def loads(data: bytes | memoryview) -> Any:
-    return _Unpickler(io.BytesIO(data)).load()
+    """Unpickle (without copying ``data``), loading the caller's ``__main__`` if it needs it."""
+    try:
+        return pickle.loads(data)
+    except (AttributeError, ImportError):
+        if "__mp_main__" in sys.modules or _main is None:
+            raise
+    _load_main()
+    return pickle.loads(data)
+
+
+def _reduce_memoryview(view: memoryview) -> tuple[type[memoryview], tuple[bytes]]:
+    return memoryview, (view.tobytes(),)  # comes back as a read-only view of bytes
+
+
+_DISPATCH = {memoryview: _reduce_memoryview}
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle ``obj`` (protocol 5); memoryviews travel as views of bytes."""
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, PICKLE_PROTOCOL)
+    pickler.dispatch_table = _DISPATCH  # type: ignore[assignment]
+    pickler.dump(obj)
+    return out.getvalue()
 
 
 class _Channel:
@@ -120,6 +135,29 @@ class _Channel:
             return
         self.buffer += chunk
         self._parse()
+        if block:
+            self._read_big_frame()
+
+    def _read_big_frame(self) -> None:
+        """A large frame that has begun to arrive is read straight into its own buffer."""
+        buf = self.buffer
+        if len(buf) < HEADER.size:
+            return
+        task_id, tag, length, _ = HEADER.unpack_from(buf, 0)
+        if length < _READ_CHUNK:
+            return
+        payload = bytearray(length)
+        have = len(buf) - HEADER.size
+        payload[:have] = memoryview(buf)[HEADER.size :]
+        del buf[:]
+        with memoryview(payload) as view:
+            while have < length:
+                got = os.readv(self.rfd, [view[have:]])
+                if not got:
+                    self.eof = True
+                    return
+                have += got
+        self.frames.append((task_id, tag, memoryview(payload)))
 
     def _parse(self) -> None:
         buf = self.buffer
@@ -157,12 +195,14 @@ class _Channel:
                 return
 
     def send(self, task_id: int, tag: int, payload: bytes = b"", seconds: float = 0.0) -> None:
-        data = HEADER.pack(task_id, tag, len(payload), seconds) + payload
-        view = memoryview(data)
+        parts = [memoryview(HEADER.pack(task_id, tag, len(payload), seconds)), memoryview(payload)]
         with self.send_lock:
-            while view:
-                written = os.write(self.wfd, view)
-                view = view[written:]
+            while parts:
+                written = os.writev(self.wfd, parts)
+                while parts and written >= len(parts[0]):
+                    written -= len(parts.pop(0))
+                if parts and written:
+                    parts[0] = parts[0][written:]
 
 
 def _describe(exc: BaseException) -> tuple[str, str]:
@@ -272,7 +312,8 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
         return
     settings: dict[str, Any] = pickle.loads(first[2])
     sys.path[:] = settings["sys_path"]
-    _Unpickler.main = settings.get("main")
+    global _main
+    _main = settings.get("main")
     max_payload: int = settings["max_payload"]
     max_rss: int | None = settings.get("max_rss") if in_process else None
     if in_process and settings.get("rlimit_as"):
@@ -338,7 +379,7 @@ def execute(
     elapsed = time.perf_counter() - started
     del fn, args, kwargs
     try:
-        data = pickle.dumps(result, PICKLE_PROTOCOL)
+        data = dumps(result)
     except BaseException as exc:
         return RESULT_NOT_SERIALIZABLE, pickle.dumps(_describe(exc)), elapsed
     if len(data) > limit:
