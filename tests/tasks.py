@@ -133,3 +133,32 @@ def hoard(megabytes: int) -> int:
 
 def allocate(megabytes: int) -> int:
     return len(bytearray(megabytes * 2**20))
+
+
+class BadStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str for you")
+
+
+def raise_bad_str() -> None:
+    raise BadStr()
+
+
+def stop_iteration() -> None:
+    next(iter([]))
+
+
+def _interrupt_if_not(pid: int) -> None:
+    if os.getpid() != pid:
+        raise KeyboardInterrupt
+
+
+class InterruptsOnLoad:
+    """Pickles in the worker; loading it in the caller raises KeyboardInterrupt."""
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        return _interrupt_if_not, (os.getpid(),)
+
+
+def return_interrupting() -> InterruptsOnLoad:
+    return InterruptsOnLoad()

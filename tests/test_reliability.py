@@ -15,9 +15,11 @@ import pytest
 
 import tasks
 from offload import (
+    NotSerializable,
     PoisonTask,
     Retry,
     Task,
+    TaskFailed,
     TaskTimeout,
     WorkerCrashed,
     WorkerManager,
@@ -179,3 +181,53 @@ async def test_workers_exit_when_their_parent_dies(tmp_path: Path) -> None:
     await parent.wait()
     for pid in pids:  # orphans re-parented to init: they exit through their lifeline
         await until(lambda pid=pid: not psutil.pid_exists(pid))
+
+
+async def test_start_failures_fail_the_queue_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with manager(spare_workers=0) as wm:
+        monkeypatch.setattr(sys, "executable", "/bin/false")  # replacements cannot start
+        crash = asyncio.create_task(wm.run(tasks.exit_now))
+        await asyncio.sleep(0)
+        queued = [asyncio.create_task(wm.run(tasks.add, i, 1)) for i in range(3)]
+        outcomes = await asyncio.gather(crash, *queued, return_exceptions=True)
+        assert isinstance(outcomes[0], WorkerCrashed)
+        assert all(isinstance(o, WorkerStartFailed) for o in outcomes[1:])
+        assert wm.stats().queued == 0
+        monkeypatch.undo()
+        assert await wm.run(tasks.add, 1, 1) == 2  # healthy again once workers can start
+
+
+async def test_worker_ignores_ctrl_c_and_broken_exceptions() -> None:
+    async with manager(spare_workers=0) as wm:
+        (pid,) = wm.worker_pids()
+        os.kill(pid, signal.SIGINT)  # as a terminal's Ctrl-C to the process group
+        failing = asyncio.create_task(wm.run(tasks.raise_bad_str))
+        await asyncio.sleep(0)
+        behind = asyncio.create_task(wm.run(tasks.add, 2, 3))
+        with pytest.raises(tasks.BadStr):
+            await asyncio.wait_for(failing, 10)
+        assert await asyncio.wait_for(behind, 10) == 5
+        assert wm.worker_pids() == [pid]
+
+
+async def test_stop_iteration_and_interrupting_results_do_not_escape() -> None:
+    async with manager() as wm:
+        with pytest.raises(TaskFailed, match="StopIteration"):
+            await asyncio.wait_for(wm.run(tasks.stop_iteration, timeout=5), 10)
+        with pytest.raises(NotSerializable, match="KeyboardInterrupt"):
+            await wm.run(tasks.return_interrupting)
+        assert await wm.run(tasks.add, 1, 1) == 2
+
+
+async def test_a_killed_spare_is_replaced_by_a_spare() -> None:
+    async with manager(workers=2, spare_workers=1) as wm:
+        children = {p.pid for p in psutil.Process().children()}
+        (spare,) = children - set(wm.worker_pids())
+        os.kill(spare, signal.SIGKILL)
+        await until(
+            lambda: (
+                len(psutil.Process().children()) == 3
+                and spare not in {p.pid for p in psutil.Process().children()}
+            )
+        )
+        assert wm.stats().workers == 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from ._worker import HEADER
 
 __all__ = ("Connection", "FrameHandler")
+
+log = logging.getLogger("offload")
 
 FrameHandler = Callable[[int, int, memoryview, float], None]
 
@@ -162,7 +165,7 @@ class Connection:
                         start = len(buf)
                     break
                 # a copy, so no view pins the buffer while the handler runs
-                self._on_frame(task_id, tag, memoryview(bytes(view[start + size : end])), seconds)
+                self._deliver(task_id, tag, memoryview(bytes(view[start + size : end])), seconds)
                 start = end
         finally:
             view.release()
@@ -189,7 +192,13 @@ class Connection:
         if self._big_filled == len(big):
             task_id, tag, seconds = self._big_header
             self._big = None
-            self._on_frame(task_id, tag, memoryview(big), seconds)
+            self._deliver(task_id, tag, memoryview(big), seconds)
+
+    def _deliver(self, task_id: int, tag: int, payload: memoryview, seconds: float) -> None:
+        try:
+            self._on_frame(task_id, tag, payload, seconds)
+        except Exception:  # one bad answer must not cost the frames behind it
+            log.exception("offload: handling an answer failed")
 
     # -- closing ---------------------------------------------------------------------------
 

@@ -53,6 +53,7 @@ Ts = TypeVarTuple("Ts")
 
 KIND_NAMES: Final = ("process", "interpreter", "dask")
 DEFAULT_MAX_PAYLOAD: Final = 256 * 1024 * 1024
+POISON_MEMORY: Final = 600.0  # seconds a crash counts against an identical task
 
 
 class _State(enum.Enum):
@@ -95,8 +96,9 @@ class WorkerManager:
         retry: the default ``Retry`` policy (or a number of attempts) for tasks that set none;
             by default nothing is retried.
         poison_after: refuse (``POISON_TASK``) a task identical to one that already crashed
-            workers this many times, so one bad input cannot keep killing the pool;
-            ``None`` turns this off.
+            workers this many times (within 10 minutes), so one bad input cannot keep
+            killing the pool; ``None`` turns this off. Kills from outside (an operator, the
+            OOM killer) count too.
         spare_workers: process workers kept started and idle, so a lost or recycled worker is
             replaced at once (default 1 for ``kind="process"``).
         max_tasks_per_worker: recycle a worker after this many tasks.
@@ -172,7 +174,8 @@ class WorkerManager:
         self._process_workers = process_workers
         self._on_task_done = on_task_done
         self._poison_after = poison_after
-        self._crashes: OrderedDict[bytes, int] = OrderedDict()  # payload digest -> crashes
+        # payload digest -> (crashes, when the last one happened)
+        self._crashes: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
         self._config = PoolConfig(
             settings={
                 "sys_path": [],  # filled in at start
@@ -415,7 +418,11 @@ class WorkerManager:
             raise
 
     def _refuse_poison(self, task: Task, payload: bytes) -> None:
-        crashes = self._crashes.get(_digest(payload), 0)
+        key = _digest(payload)
+        crashes, last = self._crashes.get(key, (0, 0.0))
+        if time.monotonic() - last > POISON_MEMORY:
+            self._crashes.pop(key, None)  # long ago: an outside kill, or since fixed
+            return
         if self._poison_after is not None and crashes >= self._poison_after:
             raise PoisonTask(
                 f"not run: this exact task (same function and arguments) crashed workers "
@@ -425,7 +432,7 @@ class WorkerManager:
 
     def _note_crash(self, job: Job) -> None:
         key = _digest(job.payload)
-        self._crashes[key] = self._crashes.get(key, 0) + 1
+        self._crashes[key] = (self._crashes.get(key, (0, 0.0))[0] + 1, time.monotonic())
         self._crashes.move_to_end(key)
         while len(self._crashes) > 1024:
             self._crashes.popitem(last=False)
@@ -498,7 +505,7 @@ class WorkerManager:
                 if isinstance(error, asyncio.CancelledError):
                     future.cancel()
                 else:
-                    future.set_exception(error)
+                    future.set_exception(error)  # _outcome never hands over a StopIteration
         self._outstanding -= 1
         if not self._outstanding and self._drained is not None:
             self._drained.set()

@@ -41,7 +41,7 @@ def decode_answer(tag: int, payload: memoryview, kind: str, task_id: str | None)
     if tag == wire.OK:
         try:
             return loads(payload)
-        except Exception as exc:
+        except BaseException as exc:  # the result's own code ran here: it must not escape
             raise NotSerializable(
                 f"the result could not be unpickled here: {type(exc).__name__}: {exc}",
                 task_id=task_id,
@@ -78,11 +78,12 @@ def _rebuild(
     if exc_bytes is not None:
         try:
             exc = loads(exc_bytes)
-        except Exception:
+        except BaseException:
             exc = None
-    if not isinstance(exc, Exception):
-        # Not rebuildable here, or a BaseException (SystemExit, KeyboardInterrupt) that must
-        # not escape into the caller's event loop as itself.
+    if not isinstance(exc, Exception) or isinstance(exc, StopIteration):
+        # Not rebuildable here, a BaseException (SystemExit, KeyboardInterrupt) that must not
+        # escape into the caller's event loop as itself, or a StopIteration (which a future
+        # cannot carry: it would end the awaiting coroutine's frame).
         what = "could not be loaded" if tag == wire.LOAD_FAILED else "raised"
         failed = TaskFailed(
             f"the task {what}: {type_name}: {message}",

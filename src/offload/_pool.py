@@ -416,9 +416,10 @@ class Pool:
     def _retire(self, worker: Worker) -> None:
         """Take ``worker`` out of service: requeue what waits behind its task, refill its slot."""
         had_slot = worker in self.workers
+        was_spare = worker in self.spares
         if had_slot:
             self.workers.remove(worker)
-        elif worker in self.spares:
+        elif was_spare:
             self.spares.remove(worker)
         self._retiring.add(worker)
         held = list(worker.inflight)
@@ -426,8 +427,10 @@ class Pool:
         if held:
             worker.inflight.append(held[0])  # settled when the worker is gone (see _after_exit)
         self._requeue([job for job in held[1:] if job.state is JobState.SENT])
-        if had_slot or not worker.draining:  # a draining worker's slot is refilled already
+        if had_slot and not worker.draining:  # a draining worker's slot is refilled already
             self._replace_soon()
+        elif was_spare and not self.closing:
+            self._background_task(self._start_until_ready(spare=True), self._starting)
         self.pump()
 
     def _requeue(self, jobs: list[Job]) -> None:
@@ -458,8 +461,8 @@ class Pool:
         )
 
     def _fail_queued(self, error: OffloadError) -> None:
-        for job in self.queue.drain():
-            self._ledger.settle(job, error=error)
+        for job in self.queue.waiting():
+            self._ledger.settle(job, error=error)  # settling takes it out of the queue
 
     def all_jobs(self) -> list[Job]:
         """Every job still waiting for its outcome: queued, or held by a worker."""

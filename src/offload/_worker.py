@@ -16,6 +16,7 @@ worker exits at once.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -207,12 +208,19 @@ class _Channel:
 
 def _describe(exc: BaseException) -> tuple[str, str]:
     kind = type(exc)
-    return f"{kind.__module__}.{kind.__qualname__}", str(exc)
+    try:
+        message = str(exc)
+    except BaseException:  # a broken __str__ must not take the worker down
+        message = f"<{kind.__name__}: str() failed>"
+    return f"{kind.__module__}.{kind.__qualname__}", message
 
 
 def _raised_payload(exc: BaseException) -> bytes:
     type_name, message = _describe(exc)
-    tb = "".join(traceback.format_exception(exc))
+    try:
+        tb = "".join(traceback.format_exception(exc))
+    except BaseException:
+        tb = f"{type_name}: {message}\n(the traceback could not be formatted)\n"
     try:
         exc_bytes: bytes | None = pickle.dumps(exc, PICKLE_PROTOCOL)
     except BaseException:
@@ -340,8 +348,18 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
             if max_rss is not None and (rss := _resident_bytes()) > max_rss:
                 channel.send(0, RECYCLE, pickle.dumps(rss))
     finally:
-        if not in_process:
-            interrupter.thread.join()  # ends when the parent closes the control pipe
+        # In a subinterpreter, the host thread closes the pipes after this returns (or raises);
+        # the parent then closes the control pipe, and join_watcher() can finish.
+        _watchers.append(interrupter.thread)
+
+
+_watchers: list[threading.Thread] = []
+
+
+def join_watcher() -> None:
+    """Wait for the watcher thread to end (it does once the parent closes the control pipe)."""
+    for thread in _watchers:
+        thread.join()
 
 
 def execute(
@@ -388,8 +406,23 @@ def execute(
 
 
 def main(argv: list[str]) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent decides what stops, not the terminal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     rfd, wfd, ctl_fd = (int(arg) for arg in argv[1:4])
-    serve(rfd, wfd, ctl_fd, in_process=True)
+    code = 0
+    try:
+        serve(rfd, wfd, ctl_fd, in_process=True)
+    except BaseException:
+        code = 70
+        traceback.print_exc()
+    finally:
+        # Never linger (the watcher thread would keep a broken worker alive): flush and go.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BaseException):
+                stream.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ class Worker(abc.ABC):
         self.events.on_answer(self, task_id, tag, payload, seconds)
 
     def _on_connection_lost(self) -> None:
+        self.close()  # the control pipe too: a worker still alive then exits (or its watcher)
         if self._ready_future is not None and not self._ready_future.done():
             self._ready_future.set_exception(
                 WorkerStartFailed(

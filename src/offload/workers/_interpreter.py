@@ -40,6 +40,7 @@ with open(_path, "rb") as _f:
     exec(compile(_f.read(), _path, "exec"), _ns)
 _ns["serve"]({task_r}, {answer_w}, {control_r}, in_process=False, stop_flag=stop_flag)
 """
+_JOIN = '_ns["join_watcher"]()'
 
 
 def interpreters_available() -> None:
@@ -84,24 +85,22 @@ class InterpreterWorker(Worker):
 
         def host() -> None:
             try:
-                self._host(boot)
+                self._host(boot, (task_r, answer_w, control_r))
             finally:
-                for fd in (task_r, answer_w, control_r):
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
                 with contextlib.suppress(RuntimeError):  # the loop may be closed already
                     loop.call_soon_threadsafe(_set_done, done)
 
         self._thread = threading.Thread(target=host, name=f"offload-interpreter-{self.number}")
         self._thread.start()
 
-    def _host(self, boot: str) -> None:
+    def _host(self, boot: str, fds: tuple[int, int, int]) -> None:
         import _interpreters
 
         try:
             interp = _interpreters.create("isolated")
         except Exception as exc:
             self.failure = f"could not create a subinterpreter: {exc}"
+            _close_all(fds)
             return
         self.interpreter_id = interp
         try:
@@ -111,6 +110,10 @@ class InterpreterWorker(Worker):
             if error is not None:
                 self.failure = str(getattr(error, "formatted", error))
         finally:
+            # Closing the pipes tells the parent the worker is gone; it then closes the
+            # control pipe, which ends the watcher thread inside the interpreter.
+            _close_all(fds)
+            _interpreters.exec(interp, _JOIN)
             with contextlib.suppress(Exception):
                 _interpreters.destroy(interp)
 
@@ -150,6 +153,12 @@ class InterpreterWorker(Worker):
 
     def exit_note(self) -> str:
         return f" ({self.failure.strip().splitlines()[-1]})" if self.failure else ""
+
+
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _set_done(done: asyncio.Future[None]) -> None:
