@@ -25,8 +25,8 @@ def install_group(session: nox.Session, *groups: str) -> None:
 
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
-    """The test suite, with every optional extra installed."""
-    session.install("-e", ".[all]")
+    """The test suite, with every optional extra installed (Dask too)."""
+    session.install("-e", ".[all,dask]")
     install_group(session, "test")
     session.run("python", "-m", "pytest", *session.posargs)
 
@@ -42,7 +42,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on src/."""
-    session.install("-e", ".[all]")
+    session.install("-e", ".[all,dask]")
     install_group(session, "typecheck")
     session.run("mypy")
 

@@ -60,17 +60,19 @@ async def test_dict_tasks_and_routing_to_process_workers() -> None:
 
 async def test_parallel_speedup_of_pure_python_work() -> None:
     work = 2_000_000  # a fixed amount of pure-Python work (~0.1-0.3 s here)
+    serial, parallel = [], []
     async with manager(workers=2) as wm:
         await asyncio.gather(wm.run(tasks.count, 1000), wm.run(tasks.count, 1000))  # warm
-        started = time.perf_counter()
-        for _ in range(2):
-            await wm.run(tasks.count, work)
-        serial = time.perf_counter() - started
-        started = time.perf_counter()
-        await asyncio.gather(*(wm.run(tasks.count, work) for _ in range(2)))
-        parallel = time.perf_counter() - started
+        for _ in range(3):  # the best of three: a busy machine only makes either slower
+            started = time.perf_counter()
+            for _ in range(2):
+                await wm.run(tasks.count, work)
+            serial.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            await asyncio.gather(*(wm.run(tasks.count, work) for _ in range(2)))
+            parallel.append(time.perf_counter() - started)
     # One GIL would make both equal; two interpreters with their own GIL halve it.
-    assert parallel < 0.8 * serial, (parallel, serial)
+    assert min(parallel) < 0.8 * min(serial), (parallel, serial)
 
 
 async def test_deadline_interrupts_pure_python_code() -> None:

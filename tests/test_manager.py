@@ -419,7 +419,7 @@ async def test_bad_construction_arguments() -> None:
 async def test_functions_and_classes_from_a_main_script(tmp_path: Path) -> None:
     script = tmp_path / "app.py"
     script.write_text(
-        "import asyncio, offload\n"
+        "import asyncio, multiprocessing, offload\n"
         "class Point:\n"
         "    def __init__(self, x): self.x = x\n"
         "def make(x): return Point(x * 2)\n"

@@ -15,6 +15,7 @@ Layers, each importing only those below it::
 
 from typing import TYPE_CHECKING, Any
 
+from ._context import NoCurrentManager, current_manager, use_manager
 from ._manager import WorkerManager
 from ._stats import Stats, TaskRecord
 from ._task import Priority, Retry, Task, task
@@ -44,6 +45,7 @@ __all__ = (
     "InvalidInput",
     "InvalidTask",
     "ManagerClosed",
+    "NoCurrentManager",
     "NotSerializable",
     "OffloadError",
     "OutputTooLarge",
@@ -62,7 +64,9 @@ __all__ = (
     "WorkerCrashed",
     "WorkerManager",
     "WorkerStartFailed",
+    "current_manager",
     "task",
+    "use_manager",
 )
 
 if TYPE_CHECKING:

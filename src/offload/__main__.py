@@ -8,18 +8,25 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ._demo import add_arguments, run_from_args
+
     parser = argparse.ArgumentParser(prog="offload", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the demo")
+    demo = commands.add_parser(
+        "demo", help="the web demo: heavy work inline vs offloaded (--local: the task demo)"
+    )
     demo.add_argument(
         "--local", action="store_true", help="a mixed workload on local process workers"
     )
-    demo.add_argument("--workers", type=int, default=2, help="worker count (default 2)")
+    add_arguments(demo)  # --seconds, --json, --workers, ... (see offload._demo)
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from ._quickdemo import run_local_demo
+        if args.local:
+            from ._quickdemo import run_local_demo
 
-        asyncio.run(run_local_demo(workers=args.workers))
+            asyncio.run(run_local_demo(workers=args.workers or 2))
+            return 0
+        return run_from_args(args)
     return 0
 
 

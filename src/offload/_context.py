@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
@@ -109,7 +109,8 @@ def use_manager(wm: WorkerManager, *, bind_loop: bool = True) -> Iterator[Worker
     try:
         yield wm
     finally:
-        _current.reset(token)
+        with suppress(ValueError):  # left in another context: that one never saw the set
+            _current.reset(token)
         if loop is not None:
             bound = _by_loop.get(loop, [])
             if wm in bound:

@@ -84,7 +84,9 @@ def _load_main() -> None:
     except BaseException:
         del sys.modules["__mp_main__"]
         raise
-    sys.modules["__main__"] = module  # pickles name it __main__; this loop keeps its globals
+    # Pickles name it __main__ (the caller's) or __mp_main__ (ours); `import multiprocessing`
+    # inside the script re-points __mp_main__, so both are set after it ran.
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = module
 
 
 def loads(data: bytes | memoryview) -> Any:

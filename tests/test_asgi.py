@@ -1,0 +1,452 @@
+"""offload.asgi on real servers: lifespan, current_manager(), errors as HTTP, uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+import sys
+import warnings
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import offload
+import tasks
+from conftest import release
+from offload import ManagerClosed, OffloadError, WorkerManager
+from offload._context import NoCurrentManager, current_manager, use_manager
+from offload.asgi import (
+    STATUS_BY_CODE,
+    OffloadMiddleware,
+    get_manager,
+    handle_offload_error,
+    lifespan,
+)
+
+SECRET = "sk_live_9f8e7d6c5b4a-hunter2"
+
+
+@asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn in this event loop on a free 127.0.0.1 port.
+
+    The socket is bound and listening before uvicorn starts, so a request made at once waits
+    in the backlog until the lifespan has started: no polling for readiness.
+    """
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and
+    # without it every keep-alive response waits ~40 ms for a delayed ACK (Nagle).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, lifespan="on", log_config=None, log_level="warning", ws="none", http="h11"
+    )
+    server = uvicorn.Server(config)
+    serve = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(15):
+            await serve
+        sock.close()
+
+
+def info_app(**options: Any) -> Starlette:
+    """An app whose /info reports what a handler sees of the manager."""
+
+    def deep() -> WorkerManager:  # "deep code": no request in sight
+        return current_manager()
+
+    async def info(request: Request) -> JSONResponse:
+        wm = request.state.workers
+        try:
+            same = deep() is wm
+        except NoCurrentManager as exc:
+            return JSONResponse({"error": str(exc)}, status_code=500)
+        pid = await deep().run(tasks.pid)
+        return JSONResponse(
+            {
+                "same": same,
+                "pid": pid,
+                "pids": wm.worker_pids(),
+                "ready": wm.stats().workers,
+                "greeting": getattr(request.state, "greeting", None),
+                "loop": type(asyncio.get_running_loop()).__module__,
+            }
+        )
+
+    return Starlette(routes=[Route("/info", info)], **options)
+
+
+# -- lifespan -------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_lifespan_under_uvicorn_state_and_current_manager() -> None:
+    app = info_app(lifespan=lifespan(workers=2, shutdown_grace=5))
+    async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        body = (await client.get("/info")).json()
+        assert body["same"] is True  # current_manager() in a request task is request.state.workers
+        assert body["ready"] == 2  # startup waited for both workers
+        assert body["pid"] in body["pids"]
+        pids = body["pids"]
+        assert all(psutil.pid_exists(pid) for pid in pids)
+    assert not any(psutil.pid_exists(pid) for pid in pids)  # stopped with the server
+
+
+@pytest.mark.asyncio
+async def test_lifespan_composes_with_the_apps_lifespan() -> None:
+    events: list[str] = []
+
+    @asynccontextmanager
+    async def app_lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        wm = current_manager()  # the manager is up before the app's startup
+        events.append(f"app startup {await wm.run(tasks.add, 1, 1)}")
+        yield {"greeting": "hello"}
+        events.append(f"app shutdown {await wm.run(tasks.add, 2, 2)}")  # still up
+
+    app = info_app(lifespan=lifespan(app_lifespan, workers=1, shutdown_grace=5))
+    async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        body = (await client.get("/info")).json()
+        assert body["greeting"] == "hello"
+        assert body["same"] is True
+    assert events == ["app startup 2", "app shutdown 4"]
+
+
+@pytest.mark.asyncio
+async def test_lifespan_with_an_app_lifespan_yielding_nothing() -> None:
+    @asynccontextmanager
+    async def app_lifespan(app: object) -> AsyncIterator[None]:
+        yield
+
+    async with lifespan(app_lifespan=app_lifespan, workers=1)(object()) as state:
+        assert list(state) == ["workers"]
+        assert await state["workers"].run(tasks.add, 1, 2) == 3
+
+
+@pytest.mark.asyncio
+async def test_lifespan_refuses_a_clashing_state_key() -> None:
+    @asynccontextmanager
+    async def app_lifespan(app: object) -> AsyncIterator[dict[str, Any]]:
+        yield {"workers": "mine"}
+
+    with pytest.raises(RuntimeError, match="already has 'workers'"):
+        async with lifespan(app_lifespan, workers=1)(object()):
+            pass
+
+
+def test_lifespan_checks_options_when_created() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        lifespan(workers=0)
+    with pytest.raises(TypeError):
+        lifespan(worker=2)
+
+
+class AppLifetime:
+    """Runs a lifespan in a task of its own, as a server does; ``stop()`` begins the shutdown."""
+
+    def __init__(self, make: Callable[[object], Any]) -> None:
+        self._make = make
+        self._started: asyncio.Future[WorkerManager] = asyncio.get_running_loop().create_future()
+        self._stop = asyncio.Event()
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async with self._make(object()) as state:
+            self._started.set_result(state["workers"])
+            await self._stop.wait()
+
+    async def started(self) -> WorkerManager:
+        async with asyncio.timeout(30):
+            return await self._started
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@pytest.mark.asyncio
+async def test_lifespan_shutdown_drains_within_grace(fifo: Path) -> None:
+    lifetime = AppLifetime(lifespan(workers=1, shutdown_grace=10))
+    wm = await lifetime.started()
+    running = asyncio.create_task(wm.run(tasks.wait_for_fifo, str(fifo)))
+    await asyncio.sleep(0)  # sent to the worker
+    lifetime.stop()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert wm.closed  # draining: takes no more work, waits for the running task
+    assert not lifetime.task.done()
+    await asyncio.to_thread(release, fifo)
+    assert await running == "go"
+    await lifetime.task
+    assert wm.worker_pids() == []
+
+
+@pytest.mark.asyncio
+async def test_lifespan_shutdown_grace_passes_through(fifo: Path) -> None:
+    lifetime = AppLifetime(lifespan(workers=1, shutdown_grace=0.2))
+    wm = await lifetime.started()
+    running = asyncio.create_task(wm.run(tasks.wait_for_fifo, str(fifo)))
+    await asyncio.sleep(0)
+    lifetime.stop()  # the task never finishes: it is stopped after 0.2 s
+    async with asyncio.timeout(10):
+        await lifetime.task
+    with pytest.raises(ManagerClosed):
+        await running
+
+
+@pytest.mark.asyncio
+async def test_each_start_gets_a_fresh_manager() -> None:
+    make = lifespan(workers=1)
+    async with make(object()) as first:
+        pass
+    async with make(object()) as second:
+        assert second["workers"] is not first["workers"]
+        assert await second["workers"].run(tasks.add, 2, 3) == 5
+
+
+def starlette_test_client() -> Any:
+    """Starlette's TestClient (it warns when used with httpx rather than httpx2)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+    return TestClient
+
+
+def test_starlette_test_client_runs_the_lifespan() -> None:
+    app = info_app(lifespan=lifespan(workers=1, shutdown_grace=5))
+    with starlette_test_client()(app) as client:
+        body = client.get("/info").json()
+    assert body["same"] is True
+    assert not any(psutil.pid_exists(pid) for pid in body["pids"])
+
+
+# -- current_manager ------------------------------------------------------------------------
+
+
+def test_current_manager_is_exported() -> None:
+    if not hasattr(offload, "current_manager"):
+        pytest.skip("offload/__init__.py does not export current_manager yet")
+    assert offload.current_manager is current_manager
+
+
+def test_current_manager_without_one_says_what_to_do() -> None:
+    with pytest.raises(LookupError, match=r"offload\.asgi\.lifespan"):
+        current_manager()
+    with pytest.raises(RuntimeError, match="use_manager"):
+        current_manager()
+
+
+@pytest.mark.asyncio
+async def test_use_manager_sets_and_restores() -> None:
+    async with WorkerManager(workers=1) as wm:
+        with use_manager(wm):
+            assert current_manager() is wm
+            other_task = asyncio.create_task(asyncio.to_thread(current_manager))
+            assert await other_task is wm  # the context is copied into threads and tasks
+        with pytest.raises(NoCurrentManager):
+            current_manager()
+
+
+@pytest.mark.asyncio
+async def test_two_apps_on_one_loop_need_the_middleware() -> None:
+    plain = [info_app(lifespan=lifespan(workers=1)) for _ in range(2)]
+    async with serving(plain[0]) as url1, serving(plain[1]) as url2, httpx.AsyncClient() as client:
+        await client.get(f"{url2}/info", timeout=10)  # both lifespans have started now
+        response = await client.get(f"{url1}/info", timeout=10)
+        assert response.status_code == 500
+        assert "OffloadMiddleware" in response.json()["error"]
+
+    middleware = [Middleware(OffloadMiddleware)]
+    apps = [info_app(lifespan=lifespan(workers=1), middleware=middleware) for _ in range(2)]
+    async with serving(apps[0]) as url1, serving(apps[1]) as url2, httpx.AsyncClient() as client:
+        first = (await client.get(f"{url1}/info", timeout=10)).json()
+        second = (await client.get(f"{url2}/info", timeout=10)).json()
+    assert first["same"] is True
+    assert second["same"] is True
+    assert not set(first["pids"]) & set(second["pids"])
+
+
+# -- errors as HTTP responses ---------------------------------------------------------------
+
+
+def raising_app() -> Starlette:
+    errors: dict[str, Callable[[str], Exception]] = {
+        cls.code: cls for cls in OffloadError.__subclasses__()
+    }
+    errors["OFFLOAD_ERROR"] = OffloadError
+
+    async def fail(request: Request) -> JSONResponse:
+        code = request.path_params["code"]
+        if code == "PLAIN":
+            raise RuntimeError(f"database password is {SECRET}")
+        raise errors[code](f"the key {SECRET} was rejected")
+
+    return Starlette(
+        routes=[Route("/fail/{code}", fail)],
+        exception_handlers={OffloadError: handle_offload_error},
+    )
+
+
+EXPECTED = {
+    "QUEUE_FULL": 503,
+    "SHUTDOWN": 503,
+    "TIMEOUT": 504,
+    "INVALID_TASK": 400,
+    "UNKNOWN_TASK": 400,
+    "INVALID_INPUT": 400,
+    "DECRYPT_FAILED": 400,
+    "PAYLOAD_TOO_LARGE": 413,
+    "OUTPUT_TOO_LARGE": 413,
+    "WORKER_ERROR": 500,
+    "WORKER_CRASHED": 500,
+    "NOT_SERIALIZABLE": 500,
+    "UNSUPPORTED_KIND": 500,
+    "WORKER_START_FAILED": 500,
+    "OFFLOAD_ERROR": 500,
+}
+
+
+@pytest.mark.asyncio
+async def test_every_error_code_maps_to_a_status_without_leaking(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    codes = {cls.code for cls in OffloadError.__subclasses__()} | {"OFFLOAD_ERROR"}
+    assert codes == set(EXPECTED)  # a new code needs a decision here
+    transport = httpx.ASGITransport(app=raising_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for code, status in EXPECTED.items():
+            response = await client.get(f"/fail/{code}")
+            assert response.status_code == status, code
+            body = response.json()
+            assert set(body) == {"error"}
+            assert set(body["error"]) == {"code", "message"}
+            assert body["error"]["code"] == code
+            assert body["error"]["message"]
+            assert SECRET not in response.text
+            assert "sk_live" not in response.text
+            assert "hunter2" not in response.text
+            assert SECRET not in str(response.headers)
+            if status == 503:
+                assert response.headers["Retry-After"] == "1"
+            else:
+                assert "Retry-After" not in response.headers
+    # 500s are logged on the server, with the detail that the client never sees.
+    logged = [r for r in caplog.records if r.name == "offload.asgi"]
+    assert len(logged) == sum(1 for status in EXPECTED.values() if status == 500)
+    assert all(r.levelno == logging.ERROR and r.exc_info for r in logged)
+    assert STATUS_BY_CODE["QUEUE_FULL"] == 503
+
+
+@pytest.mark.asyncio
+async def test_other_exceptions_are_not_handled_here() -> None:
+    transport = httpx.ASGITransport(app=raising_app(), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/fail/PLAIN")
+    assert response.status_code == 500
+    assert SECRET not in response.text
+
+
+@pytest.mark.asyncio
+async def test_the_handler_on_a_non_offload_error_is_generic() -> None:
+    request = Request({"type": "http", "method": "GET", "path": "/x", "headers": []})
+    response = await handle_offload_error(request, KeyError(SECRET))
+    assert response.status_code == 500
+    assert SECRET.encode() not in response.body
+    assert b'"INTERNAL_ERROR"' in response.body
+
+
+# -- other event loops ----------------------------------------------------------------------
+
+
+def test_uvicorn_and_manager_under_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> dict[str, Any]:
+        app = info_app(lifespan=lifespan(workers=1, shutdown_grace=5))
+        async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+            return (await client.get("/info")).json()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        body = runner.run(main())
+    assert body["loop"].startswith("uvloop")
+    assert body["same"] is True
+    assert body["pid"] in body["pids"]
+
+
+def test_import_offload_does_not_import_starlette() -> None:
+    code = (
+        "import sys, offload, offload.tasks, offload.builtins, offload.pytest_plugin\n"
+        "web = {'starlette', 'uvicorn', 'httpx', 'fastapi', 'rich'}\n"
+        "bad = sorted(m for m in sys.modules if m.partition('.')[0] in web)\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.asyncio
+async def test_fastapi_app() -> None:
+    pytest.importorskip("fastapi")
+    from fastapi import Depends, FastAPI
+
+    app = FastAPI(lifespan=lifespan(workers=1, shutdown_grace=5))
+    app.add_exception_handler(OffloadError, handle_offload_error)
+
+    @app.get("/add")
+    async def add(wm: WorkerManager = Depends(get_manager)) -> dict[str, Any]:  # noqa: B008
+        return {"sum": await wm.run(tasks.add, 2, 3), "same": current_manager() is wm}
+
+    @app.get("/bad")
+    async def bad() -> None:
+        await current_manager().execute_task({"type": "no:such-task", "data": SECRET})
+
+    async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        assert (await client.get("/add")).json() == {"sum": 5, "same": True}
+        response = await client.get("/bad")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "UNKNOWN_TASK"
+    assert SECRET not in response.text
+
+
+def test_without_starlette_offload_asgi_says_what_to_install() -> None:
+    code = "import sys\nsys.modules['starlette'] = None\nimport offload.asgi\n"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1
+    assert "pip install 'offload[web]'" in result.stderr.strip().splitlines()[-1]
+
+
+def test_manager_features_under_uvloop() -> None:
+    """The transport's add_reader (pipes, pidfds) on uvloop: results, deadlines, crashes."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        async with WorkerManager(workers=1, shutdown_grace=5) as wm:
+            assert await wm.run(tasks.add, 2, 3) == 5
+            (first,) = wm.worker_pids()
+            with pytest.raises(offload.TaskTimeout):
+                await wm.run(tasks.block_in_c, 5.0, timeout=0.2)  # the worker is killed
+            assert await wm.run(tasks.add, 1, 1) == 2  # on its replacement
+            assert first not in wm.worker_pids()
+            with pytest.raises(offload.WorkerCrashed):
+                await wm.run(tasks.exit_now)
+            results = await asyncio.gather(*(wm.run(tasks.add, i, i) for i in range(20)))
+            assert results == [2 * i for i in range(20)]
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
