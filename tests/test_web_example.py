@@ -214,3 +214,47 @@ async def test_the_script_serves_and_stops_cleanly() -> None:
             await process.wait()
     assert b"Application shutdown complete" in err
     assert not any(w.is_running() for w in workers)
+
+
+@pytest.mark.asyncio
+async def test_sigterm_drains_requests_in_flight() -> None:
+    """SIGTERM to the server: requests already taken finish (200), then workers stop."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, str(EXAMPLE), "--port", str(port), "--workers", "1"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            async with asyncio.timeout(30):
+                while True:
+                    try:
+                        await client.get("/health")
+                        break
+                    except httpx.ConnectError:
+                        assert process.returncode is None
+                        await asyncio.sleep(0.05)
+            workers = psutil.Process(process.pid).children()
+            hashes = [
+                asyncio.create_task(client.post("/password/hash", json={"password": f"p{i}"}))
+                for i in range(3)
+            ]
+            # One worker: one hash runs, one waits behind it, one waits in the queue.
+            async with asyncio.timeout(30):
+                while (await client.get("/health")).json()["queued"] < 1:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            responses = await asyncio.gather(*hashes)
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        assert all(r.json()["hash"].startswith("$scrypt$") for r in responses)
+        async with asyncio.timeout(30):
+            _, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    # uvicorn re-raises the signal once it has shut down cleanly
+    assert process.returncode in (0, -signal.SIGTERM), err.decode()[-2000:]
+    assert b"Application shutdown complete" in err
+    assert not any(w.is_running() for w in workers)
