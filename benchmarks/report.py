@@ -1,0 +1,715 @@
+"""Summaries, targets, tables and charts from the raw per-repetition results.
+
+Every figure is a median over repetitions. Ratios between two systems are taken *within*
+a repetition (the two were measured seconds apart, in the same run) and then the median
+of those ratios is reported. Latency ratios are normalised by each runner's own in-runner
+floor first, which cancels most of the machine's fast/slow wake-up state
+(see ``benchmarks/README.md``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .systems import FLOORS, OFFLOAD
+
+Results = dict[str, dict[str, dict[int, dict[str, Any]]]]  # scenario -> system -> rep -> result
+
+
+def _med(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def index(raw: list[dict[str, Any]]) -> Results:
+    out: Results = defaultdict(lambda: defaultdict(dict))
+    for entry in raw:
+        if "result" in entry:
+            out[entry["scenario"]][entry["system"]][entry["rep"]] = entry["result"]
+    return out
+
+
+def is_peer(name: str) -> bool:
+    return name not in FLOORS and name not in OFFLOAD
+
+
+def _get(result: dict[str, Any], key: str) -> Any:
+    cur: Any = result
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def _metric(res: Results, scenario: str, system: str, key: str) -> float | None:
+    return _med([_get(r, key) for r in res[scenario][system].values()])
+
+
+def _norm_latency(r: dict[str, Any]) -> float | None:
+    if r.get("median_us") and r.get("floor_median_us"):
+        return r["median_us"] / r["floor_median_us"]
+    return None
+
+
+def _ratio(
+    res: Results,
+    scenario: str,
+    a: str,
+    b: str,
+    value: Callable[[dict[str, Any]], float | None],
+) -> float | None:
+    """Median over repetitions of value(a) / value(b), pairing the same repetition."""
+    ra, rb = res[scenario].get(a, {}), res[scenario].get(b, {})
+    ratios = []
+    for rep in ra.keys() & rb.keys():
+        va, vb = value(ra[rep]), value(rb[rep])
+        if va is not None and vb:
+            ratios.append(va / vb)
+    return _med(ratios)
+
+
+def _key(key: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda r: _get(r, key)
+
+
+def _best_peer(res: Results, scenario: str, key: str, higher: bool) -> str | None:
+    scored = [
+        (v, s)
+        for s in res[scenario]
+        if is_peer(s) and (v := _metric(res, scenario, s, key)) is not None
+    ]
+    if not scored:
+        return None
+    return (max if higher else min)(scored)[1]
+
+
+def _majority(values: list[Any]) -> Any:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return Counter(values).most_common(1)[0][0]
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summarise(
+    raw: list[dict[str, Any]], imports: list[dict[str, Any]], contended: float = 0.10
+) -> dict[str, Any]:
+    """The tables' figures; rows measured while other processes used more than
+    ``contended`` of the CPUs (in any repetition) carry ``contended_reps``."""
+    res = index(raw)
+    summary: dict[str, Any] = {}
+
+    if "latency" in res:
+        rows = {}
+        # The best peer by floor-normalised latency, the figure the ratios compare.
+        scored = [
+            (v, s)
+            for s, reps in res["latency"].items()
+            if is_peer(s) and (v := _med([_norm_latency(r) for r in reps.values()])) is not None
+        ]
+        best = min(scored)[1] if scored else None
+        for s, reps in res["latency"].items():
+            rows[s] = {
+                "median_us": _metric(res, "latency", s, "median_us"),
+                "p99_us": _metric(res, "latency", s, "p99_us"),
+                "floor_median_us": _metric(res, "latency", s, "floor_median_us"),
+                "x_floor": _med([_norm_latency(r) for r in reps.values()]),
+                "x_anyio_process": _ratio(res, "latency", s, "anyio-to_process", _norm_latency),
+                "x_anyio_interpreter": _ratio(
+                    res, "latency", s, "anyio-to_interpreter", _norm_latency
+                ),
+                "x_best_peer": _ratio(res, "latency", s, best, _norm_latency) if best else None,
+                "n": _metric(res, "latency", s, "n"),
+                "reps": len(reps),
+            }
+        summary["latency"] = {"best_peer": best, "rows": rows}
+
+    if "throughput" in res:
+        best = _best_peer(res, "throughput", "tasks_per_s", higher=True)
+        rows = {}
+        for s, reps in res["throughput"].items():
+            rows[s] = {
+                "tasks_per_s": _metric(res, "throughput", s, "tasks_per_s"),
+                "tasks": _metric(res, "throughput", s, "tasks"),
+                "budget_hit": any(r.get("budget_hit") for r in reps.values()),
+                "x_floor": _ratio(res, "throughput", s, "floor", _key("tasks_per_s")),
+                "x_best_peer": _ratio(res, "throughput", s, best, _key("tasks_per_s"))
+                if best
+                else None,
+                "x_offload_process": _ratio(
+                    res, "throughput", s, "offload-process", _key("tasks_per_s")
+                ),
+                "reps": len(reps),
+            }
+        summary["throughput"] = {"best_peer": best, "rows": rows}
+
+    if "cpu" in res:
+        rows = {}
+        for s, reps in res["cpu"].items():
+            rows[s] = {
+                "wall_s": _metric(res, "cpu", s, "wall_s"),
+                "utilisation": _metric(res, "cpu", s, "utilisation"),
+                "task_cpu_ms": _metric(res, "cpu", s, "task_cpu_ms_median"),
+                "reps": len(reps),
+            }
+        summary["cpu"] = {"rows": rows}
+
+    if "looplag" in res:
+        rows = {}
+        for s, reps in res["looplag"].items():
+            rows[s] = {
+                "p50_ms": _metric(res, "looplag", s, "p50_ms"),
+                "p99_ms": _metric(res, "looplag", s, "p99_ms"),
+                "max_ms": _metric(res, "looplag", s, "max_ms"),
+                "ticks": _metric(res, "looplag", s, "ticks"),
+                "reps": len(reps),
+            }
+        summary["looplag"] = {"rows": rows}
+
+    if "payload" in res:
+        best = _best_peer(res, "payload", "bytes.mib_per_s", higher=True)
+        rows = {}
+        for s, reps in res["payload"].items():
+            row: dict[str, Any] = {"reps": len(reps)}
+            for kind in ("bytes", "bytearray", "memoryview"):
+                row[kind] = _metric(res, "payload", s, f"{kind}.mib_per_s")
+                if row[kind] is None:
+                    row[kind + "_error"] = _majority(
+                        [_get(r, f"{kind}.error") for r in reps.values()]
+                    )
+            row["x_floor"] = _ratio(res, "payload", s, "floor", _key("bytes.mib_per_s"))
+            row["x_best_peer"] = (
+                _ratio(res, "payload", s, best, _key("bytes.mib_per_s")) if best else None
+            )
+            rows[s] = row
+        summary["payload"] = {"best_peer": best, "rows": rows}
+
+    if "timeout" in res:
+        rows = {}
+        for s, reps in res["timeout"].items():
+            stopped = [r["work_stopped"] for r in reps.values()]
+            rows[s] = {
+                "overshoot_ms": _metric(res, "timeout", s, "overshoot_ms"),
+                "next_call_ms": _metric(res, "timeout", s, "next_call_ms"),
+                "after_ms": _metric(res, "timeout", s, "after_ms_median"),
+                "work_stopped": f"{'yes' if all(stopped) else 'no'}"
+                + ("" if len(set(stopped)) == 1 else f" ({sum(stopped)}/{len(stopped)})"),
+                "outcome": _majority([r["outcome"] for r in reps.values()]),
+                "next_error": _majority([r.get("next_error") for r in reps.values()]),
+                "reps": len(reps),
+            }
+        summary["timeout"] = {"rows": rows}
+
+    if "startup" in res:
+        best = _best_peer(res, "startup", "ready_ms", higher=False)
+        rows = {}
+        for s, reps in res["startup"].items():
+            rows[s] = {
+                "ready_ms": _metric(res, "startup", s, "ready_ms"),
+                "first_call_ms": _metric(res, "startup", s, "first_call_ms"),
+                "start_ms": _metric(res, "startup", s, "start_ms"),
+                "pair_workers": _majority([r.get("pair_workers") for r in reps.values()]),
+                "shutdown_ms": _metric(res, "startup", s, "shutdown_ms"),
+                "x_best_peer": _ratio(res, "startup", s, best, _key("ready_ms")) if best else None,
+                "reps": len(reps),
+            }
+        summary["startup"] = {"best_peer": best, "rows": rows}
+
+    if imports:
+        by_mod: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        errors: dict[str, str] = {}
+        for entry in imports:
+            if entry.get("cumulative_ms") is not None:
+                by_mod[entry["module"]].append(entry)
+            elif entry.get("error"):
+                errors[entry["module"]] = entry["error"]
+        rows = {
+            m: {
+                "cumulative_ms": _med([e["cumulative_ms"] for e in v]),
+                "min_ms": min(e["cumulative_ms"] for e in v),
+                "after_asyncio_ms": _med([e.get("after_asyncio_ms") for e in v]),
+                "runs": len(v),
+            }
+            for m, v in by_mod.items()
+        }
+        for m, err in errors.items():
+            rows.setdefault(m, {"cumulative_ms": None, "runs": 0, "error": err})
+        summary["import"] = {"rows": rows}
+
+    busy: Counter[tuple[str, str]] = Counter(
+        (e["scenario"], e["system"])
+        for e in raw
+        if "result" in e and (e.get("foreign_cpu") or 0) > contended
+    )
+    for scenario, block in summary.items():
+        for name, row in block.get("rows", {}).items():
+            row["contended_reps"] = busy[(scenario, name)]
+
+    summary["targets"] = evaluate_targets(summary)
+    return summary
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Target:
+    scenario: str
+    system: str
+    label: str
+    key: str
+    op: str  # "<=" or ">="
+    limit: float
+
+
+TARGETS = (
+    Target("latency", "offload-process", "<= 1.3x floor", "x_floor", "<=", 1.3),
+    Target("latency", "offload-process", "<= 0.8x anyio to_process", "x_anyio_process", "<=", 0.8),
+    Target("latency", "offload-interpreter", "<= 1.3x floor", "x_floor", "<=", 1.3),
+    Target(
+        "latency",
+        "offload-interpreter",
+        "<= 0.5x anyio to_interpreter",
+        "x_anyio_interpreter",
+        "<=",
+        0.5,
+    ),
+    Target("throughput", "offload-process", ">= 5x best peer", "x_best_peer", ">=", 5.0),
+    Target(
+        "throughput", "offload-interpreter", ">= offload-process", "x_offload_process", ">=", 1.0
+    ),
+    Target("cpu", "offload-process", "utilisation >= 0.95", "utilisation", ">=", 0.95),
+    Target("cpu", "offload-interpreter", "utilisation >= 0.95", "utilisation", ">=", 0.95),
+    Target("looplag", "offload-process", "p99 <= 1 ms", "p99_ms", "<=", 1.0),
+    Target("looplag", "offload-interpreter", "p99 <= 1 ms", "p99_ms", "<=", 1.0),
+    Target("payload", "offload-process", "bytes >= 2 GiB/s", "bytes", ">=", 2048.0),
+    Target("payload", "offload-interpreter", "bytes >= 2 GiB/s", "bytes", ">=", 2048.0),
+    Target("timeout", "offload-process", "back <= deadline+10 ms", "overshoot_ms", "<=", 10.0),
+    Target("timeout", "offload-process", "next call <= 5 ms", "next_call_ms", "<=", 5.0),
+    Target("timeout", "offload-interpreter", "back <= deadline+10 ms", "overshoot_ms", "<=", 10.0),
+    Target("timeout", "offload-interpreter", "next call <= 5 ms", "next_call_ms", "<=", 5.0),
+    Target("startup", "offload-process", "ready <= 150 ms", "ready_ms", "<=", 150.0),
+    Target("startup", "offload-interpreter", "ready <= 150 ms", "ready_ms", "<=", 150.0),
+    Target("import", "offload", "import <= 30 ms", "cumulative_ms", "<=", 30.0),
+)
+
+
+def evaluate_targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for t in TARGETS:
+        row = summary.get(t.scenario, {}).get("rows", {}).get(t.system)
+        if row is None:
+            continue
+        value = row.get(t.key)
+        if value is None:
+            status = "n/a"
+        elif t.op == "<=":
+            status = "met" if value <= t.limit else "MISSED"
+        else:
+            status = "met" if value >= t.limit else "MISSED"
+        out.append(
+            {
+                "scenario": t.scenario,
+                "system": t.system,
+                "target": t.label,
+                "key": t.key,
+                "value": value,
+                "status": status,
+            }
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def fmt(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def fx(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    lines = []
+    for k, cells in enumerate([headers, *rows]):
+        parts = []
+        for i, c in enumerate(cells):
+            parts.append(
+                c.ljust(widths[i]) if i == 0 or i == len(cells) - 1 else c.rjust(widths[i])
+            )
+        lines.append("  ".join(parts).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _targets_cell(summary: dict[str, Any], scenario: str, system: str) -> str:
+    cells = [
+        f"{t['target']}: {t['status']}"
+        for t in summary.get("targets", [])
+        if t["scenario"] == scenario and t["system"] == system
+    ]
+    return "; ".join(cells)
+
+
+def _label(rows: dict[str, Any], name: str) -> str:
+    """The row's name, with ``!`` if a repetition ran while other processes were busy."""
+    return name + ("!" if rows[name].get("contended_reps") else "")
+
+
+def _order(rows: dict[str, Any]) -> list[str]:
+    def rank(s: str) -> tuple[int, str]:
+        return (0 if s in FLOORS else 1 if s in OFFLOAD else 2, s)
+
+    return sorted(rows, key=rank)
+
+
+TITLES = {
+    "latency": "latency: echo(i) round trip, one at a time (us). xfloor = / in-runner floor;"
+    " other x columns compare floor-normalised latency",
+    "throughput": "throughput: trivial echo tasks, {inflight} in flight (tasks/s)",
+    "cpu": "cpu: {cpu_tasks} x ~{cpu_task_ms:g} ms pure-Python tasks on 2 workers",
+    "looplag": "looplag: 1 ms ticker lag while both workers run CPU tasks (ms);"
+    " floor row = idle loop",
+    "payload": "payload: {payload_mib} MiB echo round trip (MiB/s = size / round-trip time)",
+    "timeout": "timeout: {timeout_sleep:g} s sleep task, {deadline_ms:g} ms deadline",
+    "startup": "startup: construct/start -> first call -> both workers answered (ms)",
+    "import": "import: python -X importtime -c 'import MODULE', cumulative (ms)",
+}
+
+
+def render(summary: dict[str, Any], params: dict[str, Any]) -> str:
+    fmt_params = {**params, "inflight": params.get("throughput_inflight")}
+    fmt_params["deadline_ms"] = params.get("timeout_deadline", 0.1) * 1000
+    out: list[str] = []
+
+    def section(name: str, headers: list[str], rows: list[list[str]], extra: str = "") -> None:
+        out.append("")
+        out.append("== " + TITLES[name].format(**fmt_params))
+        if extra:
+            out.append(extra)
+        out.append(_table(headers, rows))
+
+    if "latency" in summary:
+        s = summary["latency"]
+        rows = []
+        for name in _order(s["rows"]):
+            r = s["rows"][name]
+            rows.append(
+                [
+                    _label(s["rows"], name),
+                    fmt(r["median_us"]),
+                    fmt(r["p99_us"]),
+                    fmt(r["floor_median_us"]),
+                    fx(r["x_floor"]),
+                    fx(r["x_anyio_process"]),
+                    fx(r["x_anyio_interpreter"]),
+                    fx(r["x_best_peer"]),
+                    fmt(r["n"], 0),
+                    _targets_cell(summary, "latency", name),
+                ]
+            )
+        headers = [
+            "system", "median", "p99", "floor", "xfloor", "xanyio-proc", "xanyio-interp",
+            "xbest-peer", "n", "targets",
+        ]  # fmt: skip
+        section("latency", headers, rows, f"best peer: {s['best_peer']}")
+
+    if "throughput" in summary:
+        s = summary["throughput"]
+        rows = []
+        for name in _order(s["rows"]):
+            r = s["rows"][name]
+            rows.append(
+                [
+                    _label(s["rows"], name),
+                    fmt(r["tasks_per_s"]),
+                    fmt(r["tasks"], 0) + ("*" if r["budget_hit"] else ""),
+                    fx(r["x_floor"]),
+                    fx(r["x_best_peer"]),
+                    _targets_cell(summary, "throughput", name),
+                ]
+            )
+        section(
+            "throughput",
+            ["system", "tasks/s", "tasks", "xfloor", "xbest-peer", "targets"],
+            rows,
+            f"best peer: {s['best_peer']}; * = stopped by the time budget"
+            f" ({params.get('throughput_budget')} s) before all tasks ran",
+        )
+
+    if "cpu" in summary:
+        s = summary["cpu"]
+        rows = [
+            [
+                _label(s["rows"], name),
+                fmt(r["wall_s"], 3),
+                fmt(r["utilisation"], 2),
+                fmt(r["task_cpu_ms"]),
+                _targets_cell(summary, "cpu", name),
+            ]
+            for name in _order(s["rows"])
+            for r in [s["rows"][name]]
+        ]
+        section(
+            "cpu",
+            ["system", "wall s", "utilisation", "cpu/task ms", "targets"],
+            rows,
+            "utilisation = sum of in-task CPU time / (wall x 2 workers)",
+        )
+
+    if "looplag" in summary:
+        s = summary["looplag"]
+        rows = [
+            [
+                _label(s["rows"], name),
+                fmt(r["p50_ms"], 3),
+                fmt(r["p99_ms"], 3),
+                fmt(r["max_ms"], 2),
+                fmt(r["ticks"], 0),
+                _targets_cell(summary, "looplag", name),
+            ]
+            for name in _order(s["rows"])
+            for r in [s["rows"][name]]
+        ]
+        section("looplag", ["system", "p50", "p99", "max", "ticks", "targets"], rows)
+
+    if "payload" in summary:
+        s = summary["payload"]
+        rows = []
+        for name in _order(s["rows"]):
+            r = s["rows"][name]
+            cells = [_label(s["rows"], name)]
+            for kind in ("bytes", "bytearray", "memoryview"):
+                v = r.get(kind)
+                cells.append(fmt(v, 0) if v is not None else _short_error(r.get(kind + "_error")))
+            cells += [
+                fx(r["x_floor"]),
+                fx(r["x_best_peer"]),
+                _targets_cell(summary, "payload", name),
+            ]
+            rows.append(cells)
+        section(
+            "payload",
+            ["system", "bytes", "bytearray", "memoryview", "xfloor", "xbest-peer", "targets"],
+            rows,
+            f"best peer: {s['best_peer']}",
+        )
+
+    if "timeout" in summary:
+        s = summary["timeout"]
+        rows = [
+            [
+                _label(s["rows"], name),
+                fmt(r["overshoot_ms"]),
+                r["work_stopped"],
+                fmt(r["next_call_ms"], 2),
+                fmt(r["after_ms"], 2),
+                str(r["outcome"]),
+                _targets_cell(summary, "timeout", name),
+            ]
+            for name in _order(s["rows"])
+            for r in [s["rows"][name]]
+        ]
+        section(
+            "timeout",
+            ["system", "back-deadline", "stopped", "next call", "then", "raised", "targets"],
+            rows,
+            "back-deadline = time until control returned minus the deadline (ms); stopped ="
+            " heartbeat stopped within 0.5 s and never completed; then = median of 5 more calls",
+        )
+
+    if "startup" in summary:
+        s = summary["startup"]
+        rows = [
+            [
+                _label(s["rows"], name),
+                fmt(r["start_ms"]),
+                fmt(r["first_call_ms"]),
+                fmt(r["ready_ms"]),
+                fmt(r["pair_workers"]),
+                fmt(r["shutdown_ms"]),
+                fx(r["x_best_peer"]),
+                _targets_cell(summary, "startup", name),
+            ]
+            for name in _order(s["rows"])
+            for r in [s["rows"][name]]
+        ]
+        section(
+            "startup",
+            [
+                "system",
+                "start",
+                "first call",
+                "ready",
+                "workers",
+                "shutdown",
+                "xbest-peer",
+                "targets",
+            ],
+            rows,
+            "ready = start + first call + two concurrent calls; workers = distinct workers"
+            " that answered the pair",
+        )
+
+    if "import" in summary:
+        s = summary["import"]
+        rows = [
+            [
+                mod,
+                fmt(r["cumulative_ms"]),
+                fmt(r.get("min_ms")),
+                fmt(r.get("after_asyncio_ms")),
+                fmt(r["runs"], 0),
+                _targets_cell(summary, "import", mod) or r.get("error", ""),
+            ]
+            for mod, r in sorted(s["rows"].items(), key=lambda kv: (kv[0] != "offload", kv[0]))
+        ]
+        section(
+            "import",
+            ["module", "median", "min", "after asyncio", "runs", "targets"],
+            rows,
+            "warm bytecode cache; after asyncio = the same import when asyncio is already"
+            " loaded (its cost inside an asyncio app)",
+        )
+
+    targets = summary.get("targets", [])
+    if targets:
+        out.append("")
+        out.append("== targets")
+        rows = [
+            [t["system"], t["scenario"], t["target"], _fmt_target_value(t), t["status"]]
+            for t in targets
+        ]
+        out.append(_table(["system", "scenario", "target", "value", "status"], rows))
+        met = sum(t["status"] == "met" for t in targets)
+        out.append(f"{met}/{len(targets)} targets met")
+    return "\n".join(out)
+
+
+def _fmt_target_value(t: dict[str, Any]) -> str:
+    v = t["value"]
+    if v is None:
+        return "-"
+    if t["key"].startswith("x_"):
+        return f"{v:.2f}x"
+    return fmt(v, 2)
+
+
+def _short_error(err: str | None) -> str:
+    if not err:
+        return "-"
+    return "n/a (" + err.split(":")[0] + ")"
+
+
+def brief(scenario: str, result: dict[str, Any]) -> str:
+    """One-line progress summary of a single measurement."""
+    try:
+        if scenario == "latency":
+            return (
+                f"median {result['median_us']:.0f} us (floor {result['floor_median_us']:.0f}),"
+                f" n={result['n']}"
+            )
+        if scenario == "throughput":
+            return f"{result['tasks_per_s']:,.0f} tasks/s ({result['tasks']} tasks)"
+        if scenario == "cpu":
+            return f"wall {result['wall_s']:.3f} s, utilisation {result['utilisation']:.2f}"
+        if scenario == "looplag":
+            return f"lag p50 {result['p50_ms']:.3f} ms, p99 {result['p99_ms']:.3f} ms"
+        if scenario == "payload":
+            parts = []
+            for kind in ("bytes", "bytearray", "memoryview"):
+                v = result.get(kind, {})
+                parts.append(f"{kind} {v['mib_per_s']:.0f}" if "mib_per_s" in v else f"{kind} n/a")
+            return "MiB/s: " + ", ".join(parts)
+        if scenario == "timeout":
+            return (
+                f"back +{result['overshoot_ms']:.1f} ms, stopped={result['work_stopped']},"
+                f" next {result['next_call_ms']:.2f} ms"
+            )
+        if scenario == "startup":
+            return f"ready {result['ready_ms']:.1f} ms (first call {result['first_call_ms']:.1f})"
+    except (KeyError, TypeError):
+        pass
+    return "done"
+
+
+# --------------------------------------------------------------------------- chart
+
+CHART_METRICS = (
+    ("latency", "median_us", "latency median (us)"),
+    ("throughput", "tasks_per_s", "throughput (tasks/s)"),
+    ("cpu", "utilisation", "cpu utilisation"),
+    ("looplag", "p99_ms", "loop lag p99 (ms)"),
+    ("payload", "bytes", "payload bytes (MiB/s)"),
+    ("timeout", "overshoot_ms", "timeout: back - deadline (ms)"),
+    ("startup", "ready_ms", "startup ready (ms)"),
+    ("import", "cumulative_ms", "import (ms)"),
+)
+
+
+def chart(summary: dict[str, Any], path: str, title: str) -> None:
+    """Bar charts of each scenario's headline figure; PNG or SVG by extension."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [m for m in CHART_METRICS if m[0] in summary]
+    if not panels:
+        raise ValueError("nothing to chart")
+    cols = 2 if len(panels) > 1 else 1
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 3.2 * nrows), squeeze=False)
+    limits = {(t.scenario, t.key): t.limit for t in TARGETS if not t.key.startswith("x_")}
+    for ax, (scenario, key, label) in zip(axes.flat, panels, strict=False):
+        rows = summary[scenario]["rows"]
+        names = [n for n in _order(rows) if rows[n].get(key) is not None]
+        values = [rows[n][key] for n in names]
+        colors = [
+            "tab:orange"
+            if n in OFFLOAD or n == "offload"
+            else "tab:gray"
+            if n in FLOORS or n == "asyncio"
+            else "tab:blue"
+            for n in names
+        ]
+        ax.barh(names, values, color=colors)
+        positive = [v for v in values if v > 0]
+        if positive and max(positive) / min(positive) > 50:
+            ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_title(label, fontsize=10)
+        ax.tick_params(labelsize=8)
+        limit = limits.get((scenario, key))
+        if limit is not None:
+            ax.axvline(limit, color="tab:red", linestyle="--", linewidth=1, label="target")
+            ax.legend(fontsize=7, loc="lower right")
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {fmt(v, 2)}", va="center", fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,463 @@
+"""The scenarios, each an async function ``(system, params) -> raw result dict``.
+
+Every scenario starts the system, measures, and stops it again (in ``finally``), so no
+system's workers are alive while another system is measured. Loops are bounded by a count
+*and* a time budget; whichever comes first ends them. Raw samples go into the result so the
+JSON output keeps them; the summary is computed by :mod:`benchmarks.report`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import _tasks
+from .systems import Floor, System
+
+MiB = 1 << 20
+
+
+@dataclass
+class Params:
+    """Counts and budgets for one run; ``quick()`` is the CI-sized variant."""
+
+    latency_calls: int = 2000
+    latency_budget: float = 1.0
+    latency_block: int = 20
+    throughput_tasks: int = 20_000
+    throughput_inflight: int = 256
+    throughput_budget: float = 2.0
+    cpu_tasks: int = 16
+    cpu_task_ms: float = 50.0
+    looplag_seconds: float = 0.75
+    looplag_task_ms: float = 50.0
+    payload_mib: int = 8
+    payload_trips: int = 6
+    payload_budget: float = 2.0
+    payload_call_timeout: float = 15.0
+    timeout_deadline: float = 0.1
+    timeout_sleep: float = 10.0
+    import_runs: int = 2
+    burn_per_ms: float = 0.0  # filled in by the orchestrator's calibration
+
+    @classmethod
+    def quick(cls) -> Params:
+        return cls(
+            latency_calls=100,
+            latency_budget=0.2,
+            throughput_tasks=500,
+            throughput_inflight=64,
+            throughput_budget=1.0,
+            cpu_tasks=4,
+            cpu_task_ms=20.0,
+            looplag_seconds=0.2,
+            looplag_task_ms=20.0,
+            payload_trips=2,
+            payload_budget=0.5,
+            payload_call_timeout=5.0,
+            timeout_sleep=1.0,
+            import_runs=1,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, round(q / 100.0 * (len(s) - 1))))
+    return s[k]
+
+
+async def _started(system: System) -> None:
+    await asyncio.wait_for(system.start(), 60)
+
+
+async def _closed(system: System) -> float:
+    t0 = time.perf_counter()
+    await asyncio.wait_for(system.aclose(), 30)
+    return (time.perf_counter() - t0) * 1000.0
+
+
+async def _timed_calls(
+    system: System, fn: Callable[..., Any], n: int, out: list[float], make_arg: Callable[[int], Any]
+) -> None:
+    perf = time.perf_counter_ns
+    for i in range(n):
+        arg = make_arg(i)
+        t0 = perf()
+        await system.call(fn, arg)
+        out.append((perf() - t0) / 1000.0)
+
+
+# --------------------------------------------------------------------------- latency
+
+
+async def latency(system: System, p: Params) -> dict[str, Any]:
+    """Echo round trips one at a time, in blocks alternating with an in-runner floor."""
+    floor = Floor()
+    await floor.start()
+    await _started(system)
+    try:
+
+        def ident(i: int) -> int:
+            return i
+
+        for _ in range(20):
+            await system.call(_tasks.echo, 0)
+            await floor.call(_tasks.echo, 0)
+        samples: list[float] = []
+        floor_samples: list[float] = []
+        deadline = time.monotonic() + p.latency_budget
+        while len(samples) < p.latency_calls and time.monotonic() < deadline:
+            await _timed_calls(system, _tasks.echo, p.latency_block, samples, ident)
+            await _timed_calls(floor, _tasks.echo, p.latency_block, floor_samples, ident)
+        return {
+            "samples_us": samples,
+            "floor_samples_us": floor_samples,
+            "median_us": statistics.median(samples),
+            "p99_us": pct(samples, 99),
+            "floor_median_us": statistics.median(floor_samples),
+            "n": len(samples),
+        }
+    finally:
+        await _closed(system)
+        await floor.aclose()
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+async def throughput(system: System, p: Params) -> dict[str, Any]:
+    """``throughput_tasks`` echo tasks with ``throughput_inflight`` in flight; tasks/s."""
+    await _started(system)
+    try:
+        await asyncio.gather(*(system.call(_tasks.echo, i) for i in range(8)))
+        remaining = p.throughput_tasks
+        done = 0
+        stop_at = time.monotonic() + p.throughput_budget
+
+        async def submitter() -> None:
+            # ``inflight`` of these, each with one call outstanding: the same concurrency
+            # as an ``asyncio.Semaphore(inflight)`` around ``throughput_tasks`` calls,
+            # without a task object per call.
+            nonlocal remaining, done
+            while remaining > 0 and time.monotonic() < stop_at:
+                remaining -= 1
+                await system.call(_tasks.echo, remaining)
+                done += 1
+
+        t0 = time.perf_counter()
+        subs = [asyncio.ensure_future(submitter()) for _ in range(p.throughput_inflight)]
+        # Submitters stop starting calls at the budget; calls still outstanding at 1.5x
+        # the budget are cancelled and not counted (anyio's to_interpreter can otherwise
+        # spend a minute creating an interpreter per outstanding call).
+        finished, pending = await asyncio.wait(subs, timeout=1.5 * p.throughput_budget + 0.5)
+        elapsed = time.perf_counter() - t0
+        completed = done
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=30)
+        for task in finished:
+            task.result()  # a failed call fails the measurement
+        return {
+            "tasks": completed,
+            "seconds": elapsed,
+            "tasks_per_s": completed / elapsed,
+            "budget_hit": completed < p.throughput_tasks,
+            "cut_off": len(pending),
+        }
+    finally:
+        await _closed(system)
+
+
+# --------------------------------------------------------------------------- cpu
+
+
+async def cpu(system: System, p: Params) -> dict[str, Any]:
+    """``cpu_tasks`` pure-Python tasks of ~``cpu_task_ms``; wall time and utilisation."""
+    iters = max(1, int(p.burn_per_ms * p.cpu_task_ms))
+    await _started(system)
+    try:
+        await asyncio.gather(*(system.call(_tasks.who) for _ in range(4)))
+        t0 = time.perf_counter()
+        results = await asyncio.gather(
+            *(system.call(_tasks.burn, iters) for _ in range(p.cpu_tasks))
+        )
+        wall = time.perf_counter() - t0
+        cpu_s = [r["cpu"] for r in results]
+        return {
+            "wall_s": wall,
+            "task_cpu_s": cpu_s,
+            "task_wall_s": [r["wall"] for r in results],
+            "iterations": iters,
+            "utilisation": sum(cpu_s) / (wall * 2),
+            "task_cpu_ms_median": statistics.median(cpu_s) * 1000.0,
+        }
+    finally:
+        await _closed(system)
+
+
+# --------------------------------------------------------------------------- looplag
+
+
+async def looplag(system: System, p: Params) -> dict[str, Any]:
+    """Event-loop lag seen by a 1 ms ticker while both workers run CPU tasks.
+
+    For the floors (which cannot run code) this is the idle-loop baseline.
+    """
+    iters = max(1, int(p.burn_per_ms * p.looplag_task_ms))
+    await _started(system)
+    try:
+        await asyncio.gather(*(system.call(_tasks.who) for _ in range(4)))
+        stop = False
+        completed = 0
+
+        async def load() -> None:
+            nonlocal completed
+            while not stop:
+                await system.call(_tasks.burn, iters)
+                completed += 1
+
+        loaders = []
+        if system.runs_code:
+            loaders = [asyncio.ensure_future(load()) for _ in range(4)]
+            await asyncio.sleep(0.05)  # let both workers get busy
+        lags: list[float] = []
+        end = time.perf_counter() + p.looplag_seconds
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= end:
+                break
+            await asyncio.sleep(0.001)
+            lags.append((time.perf_counter() - t0 - 0.001) * 1000.0)
+        stop = True
+        if loaders:
+            await asyncio.wait_for(asyncio.gather(*loaders), 30 + p.looplag_task_ms / 100)
+        return {
+            "lag_ms": lags,
+            "p50_ms": pct(lags, 50),
+            "p99_ms": pct(lags, 99),
+            "max_ms": max(lags),
+            "ticks": len(lags),
+            "load_tasks": completed,
+        }
+    finally:
+        await _closed(system)
+
+
+# --------------------------------------------------------------------------- payload
+
+
+async def payload(system: System, p: Params) -> dict[str, Any]:
+    """Echo an ``payload_mib`` MiB buffer: bytes, bytearray, memoryview (where accepted)."""
+    size = p.payload_mib * MiB
+    data = os.urandom(size)
+    kinds: dict[str, Callable[[], Any]] = {
+        "bytes": lambda: data,
+        "bytearray": lambda: bytearray(data),
+        "memoryview": lambda: memoryview(bytearray(data)),
+    }
+    await _started(system)
+    out: dict[str, Any] = {"mib": p.payload_mib}
+    try:
+        await system.call(_tasks.echo, 0)
+        # Which kinds does the system accept? One checked call each (also a warm-up).
+        args: dict[str, Any] = {}
+        for kind, make in kinds.items():
+            if kind in system.rejects:
+                out[kind] = {"error": f"not accepted: {system.rejects[kind]}"}
+                continue
+            arg = make()
+            try:
+                t0 = time.perf_counter()
+                first = await asyncio.wait_for(
+                    system.call(_tasks.echo, arg), p.payload_call_timeout
+                )
+                first_s = time.perf_counter() - t0
+                if (
+                    len(first) != size
+                    or bytes(first[:64]) != data[:64]
+                    or first[-64:] != data[-64:]
+                ):
+                    raise ValueError(f"echo returned {type(first).__name__} of {len(first)}")
+            except Exception as exc:
+                out[kind] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+                continue
+            args[kind] = arg
+            out[kind] = {"first_s": first_s, "result_type": type(first).__name__, "seconds": []}
+        if args:
+            # Allocators warm up over the first few large buffers (glibc's mmap threshold
+            # adapts): two more untimed trips, then the kinds interleaved round by round.
+            for _ in range(2):
+                await asyncio.wait_for(system.call(_tasks.echo, data), p.payload_call_timeout)
+            stop_at = time.monotonic() + p.payload_budget
+            for _ in range(p.payload_trips):
+                if time.monotonic() >= stop_at:
+                    break
+                for kind, arg in args.items():
+                    t0 = time.perf_counter()
+                    await asyncio.wait_for(system.call(_tasks.echo, arg), p.payload_call_timeout)
+                    out[kind]["seconds"].append(time.perf_counter() - t0)
+        for kind in args:
+            times = out[kind]["seconds"] or [out[kind]["first_s"]]
+            med = statistics.median(times)
+            out[kind]["median_ms"] = med * 1000.0
+            out[kind]["mib_per_s"] = p.payload_mib / med
+        return out
+    finally:
+        await _closed(system)
+
+
+# --------------------------------------------------------------------------- timeout
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != b"Z"
+
+
+async def timeout(system: System, p: Params) -> dict[str, Any]:
+    """A running ``timeout_sleep`` s task with a ``timeout_deadline`` s deadline."""
+    tmp = tempfile.mkdtemp(prefix="offload-bench-timeout-")
+    hb = os.path.join(tmp, "heartbeat")
+    done = os.path.join(tmp, "done")
+    await _started(system)
+    try:
+        await asyncio.gather(*(system.call(_tasks.who) for _ in range(4)))
+        deadline = p.timeout_deadline
+        t0 = time.perf_counter()
+        outcome = "returned"
+        try:
+            await asyncio.wait_for(
+                system.call_with_timeout(
+                    deadline, _tasks.sleep_heartbeat, p.timeout_sleep, hb, done
+                ),
+                p.timeout_sleep + 15,
+            )
+        except TimeoutError as exc:
+            outcome = type(exc).__name__
+            if type(exc).__module__ not in ("builtins", "asyncio.exceptions"):
+                outcome = f"{type(exc).__module__}.{outcome}"
+        except Exception as exc:
+            outcome = f"{type(exc).__name__}: {exc}"[:120]
+        back = time.perf_counter()
+        back_ms = (back - t0) * 1000.0
+
+        t1 = time.perf_counter()
+        next_error = None
+        try:
+            await asyncio.wait_for(system.call(_tasks.echo, 1), 20)
+        except Exception as exc:
+            next_error = f"{type(exc).__name__}: {exc}"[:120]
+        next_ms = (time.perf_counter() - t1) * 1000.0
+        after = []
+        for _ in range(5):
+            t2 = time.perf_counter()
+            try:
+                await asyncio.wait_for(system.call(_tasks.echo, 1), 20)
+            except Exception:
+                break
+            after.append((time.perf_counter() - t2) * 1000.0)
+
+        # Was the work stopped? The heartbeat file must stop growing and "done" never appear.
+        await asyncio.sleep(max(0.0, back + 0.25 - time.perf_counter()))
+        s1 = _size(hb)
+        await asyncio.sleep(0.3)
+        s2 = _size(hb)
+        worker_pid = None
+        try:
+            with open(hb) as f:
+                worker_pid = int(f.readline().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+        completed = os.path.exists(done)
+        stopped = s1 >= 0 and s1 == s2 and not completed
+        separate = worker_pid is not None and worker_pid != os.getpid()
+        return {
+            "deadline_ms": deadline * 1000.0,
+            "control_back_ms": back_ms,
+            "overshoot_ms": back_ms - deadline * 1000.0,
+            "outcome": outcome,
+            "next_call_ms": next_ms,
+            "next_error": next_error,
+            "after_ms_median": statistics.median(after) if after else None,
+            "work_stopped": stopped,
+            "ran_to_completion": completed,
+            "heartbeat_bytes": [s1, s2],
+            "worker_pid_alive": _pid_alive(worker_pid) if separate and worker_pid else None,
+            "task_started": s1 > 0,
+        }
+    finally:
+        await _closed(system)
+        for name in (hb, done):
+            if os.path.exists(name):
+                os.unlink(name)
+        os.rmdir(tmp)
+
+
+# --------------------------------------------------------------------------- startup
+
+
+async def startup(system: System, p: Params) -> dict[str, Any]:
+    """Construct/start until a first call and then two concurrent calls have returned."""
+    t0 = time.perf_counter()
+    await _started(system)
+    try:
+        t_started = time.perf_counter()
+        await system.call(_tasks.who)
+        t_first = time.perf_counter()
+        pair = await asyncio.gather(system.call(_tasks.who), system.call(_tasks.who))
+        t_ready = time.perf_counter()
+    finally:
+        shutdown_ms = await _closed(system)
+    return {
+        "start_ms": (t_started - t0) * 1000.0,
+        "first_call_ms": (t_first - t0) * 1000.0,
+        "ready_ms": (t_ready - t0) * 1000.0,
+        "pair_workers": len({tuple(x) for x in pair}) if system.runs_code else None,
+        "shutdown_ms": shutdown_ms,
+    }
+
+
+SCENARIOS: dict[str, Callable[[System, Params], Awaitable[dict[str, Any]]]] = {
+    "latency": latency,
+    "throughput": throughput,
+    "cpu": cpu,
+    "looplag": looplag,
+    "payload": payload,
+    "timeout": timeout,
+    "startup": startup,
+}
+# ``import`` is measured by the orchestrator itself (a fresh interpreter per sample).
+ALL_SCENARIOS = (*SCENARIOS, "import")
+
+# Which scenarios the byte-only floors take part in.
+FLOOR_SCENARIOS = frozenset({"latency", "throughput", "looplag", "payload", "startup"})
+
+
+def applies(system_cls: type[System], scenario: str) -> bool:
+    if system_cls.only is not None:
+        return scenario in system_cls.only
+    if not system_cls.runs_code:
+        return scenario in FLOOR_SCENARIOS
+    return True

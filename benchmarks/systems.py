@@ -1,0 +1,533 @@
+"""One adapter per system under test, all with the same small async interface.
+
+``start()`` brings the system up with two workers, ``call(fn, *args)`` runs one task and
+returns its result, ``call_with_timeout(timeout, fn, *args)`` raises ``TimeoutError``
+when the deadline passes (with whatever enforcement the system has), ``aclose()`` stops
+everything it started, killing busy workers rather than waiting for them.
+
+Adapters import their library lazily (``load()``), so listing systems costs nothing and a
+missing package only skips that system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from . import _tasks
+
+WORKERS = 2
+FLOOR_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_floor_child.py")
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+SMALL_FRAME = b"\x00" * 8
+
+
+class Unavailable(Exception):
+    """The system cannot run here (missing package, wrong Python); skipped with a note."""
+
+
+class System:
+    name: ClassVar[str]
+    #: Short description for ``--list`` and the README.
+    doc: ClassVar[str] = ""
+    #: False for the floors, which only move bytes and cannot run a Python function.
+    runs_code: ClassVar[bool] = True
+    #: Scenarios the system takes part in (None: all that make sense for it).
+    only: ClassVar[frozenset[str] | None] = None
+    #: The module whose import cost the ``import`` scenario measures.
+    import_name: ClassVar[str | None] = None
+    #: Payload kinds known not to work, with why (the payload scenario skips them).
+    rejects: ClassVar[dict[str, str]] = {}
+    #: How the timeout scenario's deadline is applied.
+    timeout_mode: ClassVar[str] = "asyncio.wait_for around the call"
+
+    def load(self) -> str:
+        """Import the library; return its version. Raise ``Unavailable`` to skip."""
+        return ""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        raise NotImplementedError
+
+    async def call_with_timeout(self, timeout: float, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.wait_for(self.call(fn, *args), timeout)
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+
+def _need_interpreters() -> None:
+    if sys.version_info < (3, 13):
+        raise Unavailable(f"needs Python 3.13+ (this is {sys.version.split()[0]})")
+    try:
+        import _interpreters  # noqa: F401
+    except ImportError as exc:
+        raise Unavailable(f"no _interpreters module: {exc}") from None
+
+
+def _import(name: str) -> Any:
+    try:
+        module = __import__(name, fromlist=["_"])
+    except ImportError as exc:
+        raise Unavailable(f"{name} is not installed ({exc})") from None
+    return module
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+# --------------------------------------------------------------------------- floors
+
+
+class _FloorChild:
+    """A persistent echo child on two pipes (1 MiB pipe buffers where the kernel allows)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", FLOOR_CHILD],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+            close_fds=True,
+        )
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.wfd = self.proc.stdin.fileno()
+        self.rfd = self.proc.stdout.fileno()
+        for fd in (self.wfd, self.rfd):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
+
+    def close(self) -> None:
+        for stream in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()  # type: ignore[union-attr]
+        try:
+            self.proc.wait(2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(2)
+
+
+class Floor(System):
+    """Round trip through a plain pipe to an echo child, awaited via ``loop.add_reader``."""
+
+    name = "floor"
+    doc = "asyncio pipe ping-pong with a stdlib echo child (add_reader): the same-run floor"
+    runs_code = False
+    import_name = None
+
+    def __init__(self) -> None:
+        self.child: _FloorChild | None = None
+        self.waiters: deque[asyncio.Future[bytes]] = deque()
+        self.rbuf = bytearray()
+        self.wqueue: deque[memoryview] = deque()
+        self.writing = False
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.child = _FloorChild()
+        os.set_blocking(self.child.rfd, False)
+        os.set_blocking(self.child.wfd, False)
+        self.loop.add_reader(self.child.rfd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        assert self.child is not None
+        while True:
+            try:
+                data = os.read(self.child.rfd, 1 << 20)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                self.loop.remove_reader(self.child.rfd)
+                while self.waiters:
+                    fut = self.waiters.popleft()
+                    if not fut.done():
+                        fut.set_exception(ConnectionError("floor child exited"))
+                return
+            self.rbuf += data
+            if len(data) < (1 << 20):
+                break
+        buf = self.rbuf
+        pos = 0
+        size = len(buf)
+        with memoryview(buf) as view:
+            while size - pos >= 4:
+                n = int.from_bytes(view[pos : pos + 4], "little")
+                if size - pos - 4 < n:
+                    break
+                frame = bytes(view[pos + 4 : pos + 4 + n])
+                pos += 4 + n
+                fut = self.waiters.popleft()
+                if not fut.done():
+                    fut.set_result(frame)
+        if pos:
+            del buf[:pos]
+
+    def _flush(self) -> None:
+        assert self.child is not None
+        while self.wqueue:
+            try:
+                n = os.writev(self.child.wfd, list(self.wqueue)[:64])
+            except (BlockingIOError, InterruptedError):
+                break
+            while n:
+                head = self.wqueue[0]
+                if n >= len(head):
+                    n -= len(head)
+                    self.wqueue.popleft()
+                else:
+                    self.wqueue[0] = head[n:]
+                    n = 0
+        if self.wqueue and not self.writing:
+            self.loop.add_writer(self.child.wfd, self._flush)
+            self.writing = True
+        elif not self.wqueue and self.writing:
+            self.loop.remove_writer(self.child.wfd)
+            self.writing = False
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Echo ``args[0]`` if it is bytes-like, else an 8-byte frame; ``fn`` is ignored."""
+        payload = args[0] if args and isinstance(args[0], bytes | bytearray | memoryview) else None
+        body = memoryview(payload if payload is not None else SMALL_FRAME).cast("B")
+        fut: asyncio.Future[bytes] = self.loop.create_future()
+        self.waiters.append(fut)
+        self.wqueue.append(memoryview(len(body).to_bytes(4, "little")))
+        self.wqueue.append(body)
+        if not self.writing:
+            self._flush()
+        return await fut
+
+    async def aclose(self) -> None:
+        if self.child is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.child.rfd)
+            if self.writing:
+                with contextlib.suppress(Exception):
+                    self.loop.remove_writer(self.child.wfd)
+            self.child.close()
+            self.child = None
+
+
+class BlockingFloor(System):
+    """The same echo child driven with blocking ``os.write``/``os.read``, no event loop."""
+
+    name = "floor-blocking"
+    doc = "blocking pipe ping-pong with the same echo child (latency only): the raw floor"
+    runs_code = False
+    only = frozenset({"latency"})
+    import_name = None
+
+    async def start(self) -> None:
+        self.child = _FloorChild()
+        self.frame = len(SMALL_FRAME).to_bytes(4, "little") + SMALL_FRAME
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        os.write(self.child.wfd, self.frame)
+        need = len(self.frame)
+        got = b""
+        while len(got) < need:
+            chunk = os.read(self.child.rfd, need - len(got))
+            if not chunk:
+                raise ConnectionError("floor child exited")
+            got += chunk
+        return got[4:]
+
+    async def aclose(self) -> None:
+        self.child.close()
+
+
+# --------------------------------------------------------------------------- offload
+
+
+class _Offload(System):
+    kind: ClassVar[str]
+    import_name = "offload"
+    timeout_mode = "offload's own timeout= (run(..., timeout=))"
+
+    def load(self) -> str:
+        offload = _import("offload")
+        if not hasattr(offload, "WorkerManager"):
+            raise Unavailable("offload.WorkerManager does not exist yet")
+        self.offload = offload
+        return getattr(offload, "__version__", "") or _version("offload")
+
+    async def start(self) -> None:
+        self.wm = self.offload.WorkerManager(
+            workers=WORKERS, kind=self.kind, max_queue=4096, shutdown_grace=5.0
+        )
+        await self.wm.__aenter__()
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self.wm.run(fn, *args)
+
+    async def call_with_timeout(self, timeout: float, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self.wm.run(fn, *args, timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self.wm.__aexit__(None, None, None)
+
+
+class OffloadProcess(_Offload):
+    name = "offload-process"
+    doc = "offload.WorkerManager(workers=2, kind='process')"
+    kind = "process"
+
+
+class OffloadInterpreter(_Offload):
+    name = "offload-interpreter"
+    doc = "offload.WorkerManager(workers=2, kind='interpreter') (3.13+)"
+    kind = "interpreter"
+
+    def load(self) -> str:
+        _need_interpreters()
+        return super().load()
+
+
+# --------------------------------------------------------------------------- anyio
+
+
+class AnyioToProcess(System):
+    name = "anyio-to_process"
+    doc = "anyio.to_process.run_sync with CapacityLimiter(2)"
+    import_name = "anyio"
+    timeout_mode = "anyio.fail_after + run_sync(cancellable=True)"
+
+    def load(self) -> str:
+        self.anyio = _import("anyio")
+        _import("anyio.to_process")
+        return _version("anyio")
+
+    async def start(self) -> None:
+        # anyio spawns its worker processes lazily, on the first calls.
+        self.limiter = self.anyio.CapacityLimiter(WORKERS)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self.anyio.to_process.run_sync(fn, *args, limiter=self.limiter)
+
+    async def call_with_timeout(self, timeout: float, fn: Callable[..., Any], *args: Any) -> Any:
+        with self.anyio.fail_after(timeout):
+            return await self.anyio.to_process.run_sync(
+                fn, *args, cancellable=True, limiter=self.limiter
+            )
+
+    async def aclose(self) -> None:
+        # anyio keeps its workers until the event loop closes; stop them now instead
+        # (private state, used for cleanup only).
+        from anyio import to_process
+
+        try:
+            workers = to_process._process_pool_workers.get()
+        except LookupError:
+            return
+        for proc in list(workers):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.aclose(), 2)
+        workers.clear()
+
+
+class AnyioToInterpreter(System):
+    name = "anyio-to_interpreter"
+    doc = "anyio.to_interpreter.run_sync with CapacityLimiter(2) (3.13+)"
+    import_name = "anyio"
+    timeout_mode = "anyio.fail_after around run_sync"
+
+    def load(self) -> str:
+        _need_interpreters()
+        self.anyio = _import("anyio")
+        _import("anyio.to_interpreter")
+        return _version("anyio")
+
+    async def start(self) -> None:
+        self.limiter = self.anyio.CapacityLimiter(WORKERS)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self.anyio.to_interpreter.run_sync(fn, *args, limiter=self.limiter)
+
+    async def call_with_timeout(self, timeout: float, fn: Callable[..., Any], *args: Any) -> Any:
+        with self.anyio.fail_after(timeout):
+            return await self.anyio.to_interpreter.run_sync(fn, *args, limiter=self.limiter)
+
+    async def aclose(self) -> None:
+        # Idle interpreters otherwise live until interpreter exit (atexit); destroy them.
+        from anyio import to_interpreter
+
+        try:
+            idle = to_interpreter._idle_workers.get()
+        except LookupError:
+            return
+        while idle:
+            worker = idle.popleft()
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(worker.destroy)
+
+
+# --------------------------------------------------------------------------- executors
+
+
+def _kill_mp_processes(procs: list[Any]) -> None:
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.kill()
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.join(2)
+
+
+class ProcessPool(System):
+    name = "ProcessPoolExecutor"
+    doc = "concurrent.futures.ProcessPoolExecutor(max_workers=2) + loop.run_in_executor"
+    import_name = "concurrent.futures.process"
+
+    def load(self) -> str:
+        import concurrent.futures
+
+        self.cf = concurrent.futures
+        import multiprocessing
+
+        return f"stdlib ({multiprocessing.get_start_method()})"
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.ex = self.cf.ProcessPoolExecutor(max_workers=WORKERS)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self.loop.run_in_executor(self.ex, fn, *args)
+
+    async def aclose(self) -> None:
+        procs = list((getattr(self.ex, "_processes", None) or {}).values())
+        pending = getattr(self.ex, "_pending_work_items", {})
+        busy = any(not item.future.done() for item in list(pending.values()))
+        if busy:
+            # A task still runs (timeout scenario): kill rather than wait for it.
+            self.ex.shutdown(wait=False, cancel_futures=True)
+            _kill_mp_processes(procs)
+        await asyncio.wait_for(asyncio.to_thread(self.ex.shutdown, True), 10)
+
+
+class Pebble(System):
+    name = "pebble"
+    doc = "pebble.ProcessPool(max_workers=2), schedule() + asyncio.wrap_future"
+    import_name = "pebble"
+    timeout_mode = "pebble's own schedule(timeout=)"
+
+    def load(self) -> str:
+        self.pebble = _import("pebble")
+        return _version("pebble")
+
+    async def start(self) -> None:
+        self.pool = self.pebble.ProcessPool(max_workers=WORKERS)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.wrap_future(self.pool.schedule(fn, args=args))
+
+    async def call_with_timeout(self, timeout: float, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.wrap_future(self.pool.schedule(fn, args=args, timeout=timeout))
+
+    async def aclose(self) -> None:
+        self.pool.stop()
+        await asyncio.wait_for(asyncio.to_thread(self.pool.join, 10), 12)
+
+
+class Loky(System):
+    name = "loky"
+    doc = "loky.get_reusable_executor(max_workers=2), submit() + asyncio.wrap_future"
+    import_name = "loky"
+
+    def load(self) -> str:
+        self.loky = _import("loky")
+        return _version("loky")
+
+    async def start(self) -> None:
+        self.ex = self.loky.get_reusable_executor(max_workers=WORKERS)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.wrap_future(self.ex.submit(fn, *args))
+
+    async def aclose(self) -> None:
+        await asyncio.wait_for(
+            asyncio.to_thread(self.ex.shutdown, wait=True, kill_workers=True), 15
+        )
+
+
+class AioMultiprocess(System):
+    name = "aiomultiprocess"
+    doc = "aiomultiprocess.Pool(processes=2) running the tasks' coroutine twins"
+    import_name = "aiomultiprocess"
+    rejects: ClassVar[dict[str, str]] = {
+        "memoryview": "unpicklable; the queue's feeder thread drops it and the call never returns"
+    }
+
+    def load(self) -> str:
+        self.amp = _import("aiomultiprocess")
+        return _version("aiomultiprocess")
+
+    async def start(self) -> None:
+        self.pool = self.amp.Pool(processes=WORKERS)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        twin = getattr(_tasks, "a_" + fn.__name__)
+        return await self.pool.apply(twin, args)
+
+    async def aclose(self) -> None:
+        procs = [p.aio_process for p in list(self.pool.processes)]
+        self.pool.terminate()
+        try:
+            await asyncio.wait_for(self.pool.join(), 5)
+        except TimeoutError:
+            _kill_mp_processes(procs)
+        # Queues' feeder threads would otherwise block the runner's exit.
+        for tx, rx in self.pool.queues.values():
+            for q in (tx, rx):
+                with contextlib.suppress(Exception):
+                    q.cancel_join_thread()
+                    q.close()
+        # aiomultiprocess keeps a process-wide multiprocessing Manager (a server process)
+        # for the life of the program; stop it so that every scenario starts cold.
+        core = sys.modules.get("aiomultiprocess.core")
+        manager = getattr(core, "_manager", None)
+        if manager is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.to_thread(manager.shutdown), 5)
+            core._manager = None  # type: ignore[union-attr]
+
+
+SYSTEMS: dict[str, type[System]] = {
+    cls.name: cls
+    for cls in (
+        Floor,
+        BlockingFloor,
+        OffloadProcess,
+        OffloadInterpreter,
+        AnyioToProcess,
+        AnyioToInterpreter,
+        ProcessPool,
+        Pebble,
+        Loky,
+        AioMultiprocess,
+    )
+}
+FLOORS = frozenset({"floor", "floor-blocking"})
+OFFLOAD = frozenset({"offload-process", "offload-interpreter"})
+
+
+def perf_ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0
