@@ -127,6 +127,24 @@ async def test_max_queue_zero_accepts_only_what_a_worker_can_take(fifo: Path) ->
         assert await ahead == 2
 
 
+async def test_a_task_waiting_behind_a_long_one_moves_to_an_idle_worker(fifo: Path) -> None:
+    async with manager(workers=2) as wm:
+        blocker = asyncio.create_task(wm.run(tasks.wait_for_fifo, str(fifo)))
+        short = asyncio.create_task(wm.run(tasks.add, 1, 1))
+        await asyncio.sleep(0)  # the blocker and the short task each have a worker
+        behind = asyncio.create_task(wm.run(tasks.pid))  # handed off behind the blocker
+        await asyncio.sleep(0)
+        assert await short == 2
+        # The short task's worker fell idle: the waiting task is taken back and runs there,
+        # while the blocker still blocks.
+        ran_on = await asyncio.wait_for(behind, 10)
+        assert not blocker.done()
+        assert ran_on in wm.worker_pids()
+        await asyncio.to_thread(release, fifo)
+        assert await blocker == "go"
+        assert wm.stats().completed == 3
+
+
 async def test_timeout_while_queued_removes_the_task(fifo: Path) -> None:
     async with manager(workers=1) as wm:
         blocker = asyncio.create_task(wm.run(tasks.wait_for_fifo, str(fifo)))

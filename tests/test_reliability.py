@@ -96,12 +96,15 @@ async def test_poison_task_is_refused_after_repeated_crashes() -> None:
 
 async def test_recycling_by_task_count_keeps_capacity() -> None:
     async with manager(workers=2, max_tasks_per_worker=3) as wm:
-        pids = set()
+        first = set(wm.worker_pids())
         for _ in range(12):
-            pids.add(await wm.run(tasks.pid))
-            assert wm.stats().workers == 2
-        await until(lambda: wm.stats().worker_recycles >= 3)
-        assert len(pids) >= 3
+            await wm.run(tasks.pid)
+            assert wm.stats().workers == 2  # a recycled worker serves on until replaced
+        await until(lambda: wm.stats().worker_recycles >= 2)
+        for pid in first:  # both first workers are retired and gone
+            await until(lambda pid=pid: not psutil.pid_exists(pid))
+        assert not first & set(wm.worker_pids())
+        assert await wm.run(tasks.add, 1, 1) == 2
         assert wm.stats().crashed == 0
 
 

@@ -15,9 +15,6 @@ Layers, each importing only those below it::
 
 from typing import TYPE_CHECKING, Any
 
-from ._context import NoCurrentManager, current_manager, use_manager
-from ._manager import WorkerManager
-from ._stats import Stats, TaskRecord
 from ._task import Priority, Retry, Task, task
 from .errors import (
     DecryptFailed,
@@ -71,13 +68,35 @@ __all__ = (
 
 if TYPE_CHECKING:
     from . import builtins, tasks
+    from ._context import NoCurrentManager, current_manager, use_manager
+    from ._manager import WorkerManager
+    from ._stats import Stats, TaskRecord
+
+# Loaded on first use: `import offload` stays cheap (a worker importing a module that only
+# registers tasks with @offload.task never pays for the manager and asyncio).
+_LAZY = {
+    "WorkerManager": "._manager",
+    "Stats": "._stats",
+    "TaskRecord": "._stats",
+    "NoCurrentManager": "._context",
+    "current_manager": "._context",
+    "use_manager": "._context",
+    "builtins": ".builtins",
+    "tasks": ".tasks",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # The built-in tasks load on first use (they register their types then): `import offload`
-    # stays cheap for code that never touches them.
-    if name in ("builtins", "tasks"):
-        import importlib
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(module_name, __name__)
+    value = module if module_name == f".{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

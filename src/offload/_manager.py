@@ -109,6 +109,9 @@ class WorkerManager:
         max_worker_age: recycle a worker older than this many seconds (checked when idle).
         health_interval: ping idle workers every this many seconds (``None``: never); one that
             does not answer within ``health_timeout`` seconds is hung and is replaced.
+        worker_nice: how much lower the workers' CPU priority is than the caller's (Unix
+            niceness, 0 to 19): when the cores are busy, the event loop is served first, so
+            it stays responsive (``0``: equal priority).
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class WorkerManager:
         max_worker_age: float | None = None,
         health_interval: float | None = 5.0,
         health_timeout: float = 10.0,
+        worker_nice: int = 10,
     ) -> None:
         if kind == "dask":
             from .dask import DaskKind  # optional: needs the `dask` extra
@@ -182,6 +186,7 @@ class WorkerManager:
                 "max_payload": max_payload,
                 "max_rss": max_worker_memory,
                 "rlimit_as": worker_memory_limit,
+                "nice": worker_nice,
             },
             start_timeout=start_timeout,
             interrupt_grace=interrupt_grace,

@@ -314,7 +314,34 @@ class Pool:
             if job is None:
                 return
             job.state = JobState.SENT
+            job.taking_back = False
             worker.submit(job)
+        self._take_back_for_idle_workers()
+
+    def _take_back_for_idle_workers(self) -> None:
+        """The queue is empty but a worker is idle while a job waits behind another worker's
+        running one: ask for that job back, so it runs now instead of after the other."""
+        idle = sum(1 for w in self.workers if not w.retired and not w.inflight)
+        if not idle:
+            return
+        for worker in self.workers:
+            if len(worker.inflight) > 1:
+                job = worker.inflight[-1]
+                if job.state is JobState.SENT and not job.taking_back and job.stopping is None:
+                    worker.take_back(job)
+                    idle -= 1
+                    if not idle:
+                        return
+
+    def on_stolen(self, worker: Worker, task_id: int) -> None:
+        """The worker gave a waiting job back: it will never run there. Run it elsewhere."""
+        for job in worker.inflight:
+            if job.wire_id == task_id:
+                worker.inflight.remove(job)
+                if job.state is JobState.SENT:
+                    self._requeue([job])
+                    self.pump()
+                return
 
     def _worker_with_room(self) -> Worker | None:
         # An idle worker first; else one running a single job may hold one more behind it
@@ -384,8 +411,8 @@ class Pool:
             return
         job = worker.inflight.popleft()
         worker.tasks_done += 1
-        if worker.draining and not worker.inflight:
-            self._close_drained(worker)
+        if worker.draining and not worker.inflight and worker not in self.workers:
+            self._close_drained(worker)  # retired after its replacement got ready
         elif self._config.max_tasks_per_worker and (
             worker.tasks_done >= self._config.max_tasks_per_worker
         ):

@@ -36,6 +36,7 @@ class Job:
         "state",
         "stopping",
         "submitted_at",
+        "taking_back",
         "task_id",
         "timeout",
         "wire_id",
@@ -67,6 +68,7 @@ class Job:
         self.deadline_handle: asyncio.TimerHandle | None = None
         #: Why the job's worker is being stopped under it: "timeout" or "cancelled".
         self.stopping: str | None = None
+        self.taking_back = False  # asked back from the worker it waits on (see Pool.pump)
         self.submitted_at = time.perf_counter()
 
     def __repr__(self) -> str:

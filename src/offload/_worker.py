@@ -46,8 +46,10 @@ CANCELLED = 16  # a CANCEL arrived before the task started
 INTERRUPTED = 17  # the running task was stopped by an interrupt (interpreter workers)
 PONG = 18  # task id field: the ping's number
 RECYCLE = 19  # payload: pickled resident memory in bytes, over the ceiling
+STOLEN = 20  # a task waiting here was taken back by the parent: it will not run here
 
 PING_BIT = 1 << 63  # a control word with this bit is a health ping, not an interrupt
+STEAL_BIT = 1 << 62  # ... with this one, a request to give back a task not started yet
 
 PICKLE_PROTOCOL = 5
 _READ_CHUNK = 1 << 20
@@ -132,6 +134,7 @@ class _Channel:
     def _fill(self, block: bool) -> None:
         if not block and not select.select([self.rfd], [], [], 0)[0]:
             return
+
         chunk = os.read(self.rfd, _READ_CHUNK)
         if not chunk:
             self.eof = True
@@ -246,7 +249,9 @@ class _Interrupter:
         self.lock = threading.Lock()
         self.running: int | None = None
         self.last_started = 0  # the task being loaded or run (interrupts wait until it runs)
+        self.completed = 0  # the last task whose call ended
         self.early: set[int] = set()  # requests for tasks not started yet
+        self.stolen: set[int] = set()  # tasks given back: never run, never answered
         self.delivered = False  # an interrupt was raised in the current task
         self.target = threading.get_ident()
         self.thread = threading.Thread(target=self._watch, name="offload-watch", daemon=False)
@@ -266,6 +271,9 @@ class _Interrupter:
             if task_id & PING_BIT:  # answered from this thread: alive even while a task runs
                 self.channel.send(task_id & ~PING_BIT, PONG)
                 continue
+            if task_id & STEAL_BIT:
+                self._give_back(task_id & ~STEAL_BIT)
+                continue
             with self.lock:
                 if self.running == task_id:
                     self.delivered = True
@@ -273,17 +281,35 @@ class _Interrupter:
                 elif task_id >= self.last_started:  # not started, or still loading
                     self.early.add(task_id)
 
+    def _give_back(self, task_id: int) -> None:
+        """The parent wants a waiting task back (a worker fell idle): yes if it has not begun."""
+        with self.lock:
+            if task_id <= self.completed or self.running == task_id:
+                return  # too late: it runs or ran here, and its answer comes as usual
+            self.stolen.add(task_id)
+        self.channel.send(task_id, STOLEN)
+
+    def was_stolen(self, task_id: int) -> bool:
+        """Whether ``task_id`` was given back (then it is not run, or its answer not sent)."""
+        with self.lock:
+            if task_id not in self.stolen:
+                return False
+            self.stolen.discard(task_id)
+            self.completed = max(self.completed, task_id)
+            return True
+
     def begin(self, task_id: int) -> None:
         """``task_id`` runs now (its call is loaded), unless it was stopped already."""
         with self.lock:
             self.last_started = task_id
-            if task_id in self.early:
+            if task_id in self.early or task_id in self.stolen:
                 self.early = {i for i in self.early if i > task_id}
                 raise _Interrupted
             self.running = task_id
 
     def finished(self) -> None:
         with self.lock:
+            self.completed = max(self.completed, self.last_started)
             self.running = None
             if self.delivered:
                 self.delivered = False
@@ -326,6 +352,9 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
     _main = settings.get("main")
     max_payload: int = settings["max_payload"]
     max_rss: int | None = settings.get("max_rss") if in_process else None
+    if settings.get("nice"):
+        with contextlib.suppress(OSError):  # this thread: the event loop's keeps its priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(settings["nice"]))
     if in_process and settings.get("rlimit_as"):
         import resource
 
@@ -339,6 +368,9 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
             if frame is None or (stop is not None and stop[0]):
                 return
             task_id, _, payload = frame
+            if interrupter.was_stolen(task_id):
+                channel.cancelled.discard(task_id)
+                continue
             if task_id in channel.cancelled:
                 channel.cancelled.discard(task_id)
                 channel.send(task_id, CANCELLED)
@@ -346,6 +378,8 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
             channel.last_started = task_id
             tag, answer, seconds = execute(payload, max_payload, interrupter, task_id)
             del payload
+            if interrupter.was_stolen(task_id):  # taken back while it was loading
+                continue
             channel.send(task_id, tag, answer, seconds)
             if max_rss is not None and (rss := _resident_bytes()) > max_rss:
                 channel.send(0, RECYCLE, pickle.dumps(rss))

@@ -31,6 +31,8 @@ class WorkerEvents(Protocol):
 
     def recycle(self, worker: Worker, why: str) -> None: ...
 
+    def on_stolen(self, worker: Worker, task_id: int) -> None: ...
+
 
 class Worker(abc.ABC):
     """One worker: a process or an interpreter, running one task at a time, in order.
@@ -116,6 +118,9 @@ class Worker(abc.ABC):
             if task_id == self._pings:
                 self.ping_sent = None
             return
+        if tag == wire.STOLEN:
+            self.events.on_stolen(self, task_id)
+            return
         if tag == wire.RECYCLE:
             rss = pickle.loads(payload)
             self.events.recycle(self, f"resident memory {rss / 2**20:.0f} MiB over the ceiling")
@@ -165,6 +170,11 @@ class Worker(abc.ABC):
         if self._control_fd >= 0:
             with contextlib.suppress(OSError):
                 os.write(self._control_fd, word.to_bytes(8, "little"))
+
+    def take_back(self, job: Job) -> None:
+        """Ask for ``job`` (waiting here, not started) back; ``STOLEN`` answers if it was."""
+        job.taking_back = True
+        self._control(job.wire_id | wire.STEAL_BIT)
 
     def ping(self, now: float) -> None:
         """Send a health ping; the worker's watcher thread answers ``PONG`` at once."""
