@@ -376,7 +376,7 @@ class Pool:
                 loop.call_later(self._interrupt_grace, self._quarantine_if_stuck, worker, job)
             # A process worker is being killed: on_lost settles the job once it is reaped.
         else:
-            worker.cancel_waiting(job)  # it answers CANCELLED (or a result, ignored)
+            worker.cancel_waiting(job)  # it answers INTERRUPTED (or a result, ignored)
             self._settle_stopped(job, reason)
 
     def _settle_stopped(self, job: Job, reason: str, run: float = 0.0) -> None:
@@ -420,7 +420,7 @@ class Pool:
         if job.state is JobState.SENT:
             if job.stopping is not None:
                 self._settle_stopped(job, job.stopping, seconds)
-            elif tag == wire.INTERRUPTED or tag == wire.CANCELLED:  # not asked for: a bug
+            elif tag == wire.INTERRUPTED:  # not asked for: a bug
                 self._ledger.settle(job, error=WorkerCrashed("the worker skipped this task"))
             else:
                 try:

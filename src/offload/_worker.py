@@ -6,7 +6,7 @@ subinterpreter, so a worker starts without paying for the parent package's impor
 
 Wire format, both directions: a fixed header ``<QBQd`` (task id, tag, payload length, run
 seconds) followed by the payload. Parent -> worker: ``INIT`` (settings), ``RUN`` (a pickled
-``(fn, args, kwargs)``), ``CANCEL`` (skip a task that has not started). Worker -> parent:
+``(fn, args, kwargs)``). Worker -> parent:
 ``READY`` then one answer per ``RUN``, in order, plus ``PONG`` (answer to a health ping) and
 ``RECYCLE`` (over the memory ceiling) at any time. A third pipe, the control pipe, carries
 8-byte words: a task id to interrupt (interpreter workers) or, with the top bit set, a health
@@ -20,7 +20,6 @@ import contextlib
 import io
 import os
 import pickle
-import select
 import struct
 import sys
 import threading
@@ -34,7 +33,6 @@ HEADER = struct.Struct("<QBQd")
 # parent -> worker
 INIT = 1
 RUN = 2
-CANCEL = 3
 # worker -> parent
 READY = 10
 OK = 11  # payload: the pickled result
@@ -42,7 +40,6 @@ RAISED = 12  # payload: pickled (exception pickle or None, type name, message, t
 RESULT_NOT_SERIALIZABLE = 13  # payload: pickled (type name, message)
 RESULT_TOO_LARGE = 14  # payload: pickled size in bytes
 LOAD_FAILED = 15  # the task could not be unpickled here; payload as RAISED
-CANCELLED = 16  # a CANCEL arrived before the task started
 INTERRUPTED = 17  # the running task was stopped by an interrupt (interpreter workers)
 PONG = 18  # task id field: the ping's number
 RECYCLE = 19  # payload: pickled resident memory in bytes, over the ceiling
@@ -126,23 +123,17 @@ class _Channel:
         self.wfd = wfd
         self.buffer = bytearray()
         self.frames: deque[tuple[int, int, memoryview]] = deque()
-        self.cancelled: set[int] = set()  # tasks to skip (CANCEL frames are taken in here)
-        self.last_started = 0
         self.eof = False
         self.send_lock = threading.Lock()  # the watcher thread answers pings too
 
-    def _fill(self, block: bool) -> None:
-        if not block and not select.select([self.rfd], [], [], 0)[0]:
-            return
-
+    def _fill(self) -> None:
         chunk = os.read(self.rfd, _READ_CHUNK)
         if not chunk:
             self.eof = True
             return
         self.buffer += chunk
         self._parse()
-        if block:
-            self._read_big_frame()
+        self._read_big_frame()
 
     def _read_big_frame(self) -> None:
         """A large frame that has begun to arrive is read straight into its own buffer."""
@@ -174,11 +165,7 @@ class _Channel:
             end = start + size + length
             if len(buf) < end:
                 break
-            if tag == CANCEL:
-                if task_id > self.last_started:
-                    self.cancelled.add(task_id)
-            else:
-                self.frames.append((task_id, tag, memoryview(bytes(buf[start + size : end]))))
+            self.frames.append((task_id, tag, memoryview(bytes(buf[start + size : end]))))
             start = end
         if start:
             del buf[:start]
@@ -188,17 +175,8 @@ class _Channel:
         while not self.frames:
             if self.eof:
                 return None
-            self._fill(block=True)
-        self.poll()
+            self._fill()
         return self.frames.popleft()
-
-    def poll(self) -> None:
-        """Take in whatever has already arrived, without blocking (to see cancels early)."""
-        while not self.eof:
-            before = len(self.frames), len(self.buffer)
-            self._fill(block=False)
-            if (len(self.frames), len(self.buffer)) == before:
-                return
 
     def send(self, task_id: int, tag: int, payload: bytes = b"", seconds: float = 0.0) -> None:
         parts = [memoryview(HEADER.pack(task_id, tag, len(payload), seconds)), memoryview(payload)]
@@ -239,7 +217,8 @@ class _Interrupter:
     Inside a subinterpreter, ``PyThreadState_SetAsyncExc`` called from this thread reaches the
     interpreter's running thread (called from the main interpreter it does nothing). A task
     blocked in C code is not reached; the parent then quarantines this interpreter. A request
-    for a task that has not started yet is kept, and that task never starts.
+    for a task that has not started yet (a waiting task whose caller gave up, in any kind of
+    worker) is kept, and that task never starts: it is answered ``INTERRUPTED``.
     """
 
     def __init__(self, ctl_fd: int, exit_on_eof: bool, channel: _Channel) -> None:
@@ -369,13 +348,7 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
                 return
             task_id, _, payload = frame
             if interrupter.was_stolen(task_id):
-                channel.cancelled.discard(task_id)
                 continue
-            if task_id in channel.cancelled:
-                channel.cancelled.discard(task_id)
-                channel.send(task_id, CANCELLED)
-                continue
-            channel.last_started = task_id
             tag, answer, seconds = execute(payload, max_payload, interrupter, task_id)
             del payload
             if interrupter.was_stolen(task_id):  # taken back while it was loading

@@ -154,9 +154,11 @@ class Worker(abc.ABC):
         self.connection.send(job.wire_id, wire.RUN, job.payload)
 
     def cancel_waiting(self, job: Job) -> None:
-        """Ask the worker to skip ``job``, sent but not started; it answers ``CANCELLED``."""
-        if self.connection is not None:
-            self.connection.send(job.wire_id, wire.CANCEL)
+        """Ask the worker to skip ``job``, sent but not started; it answers ``INTERRUPTED``.
+
+        Through the control pipe, so the worker hears it even while it runs the task before.
+        """
+        self.interrupt(job)
 
     @abc.abstractmethod
     def stop_running(self, job: Job) -> None:
