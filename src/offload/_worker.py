@@ -108,6 +108,10 @@ _DISPATCH = {memoryview: _reduce_memoryview}
 
 def dumps(obj: Any) -> bytes:
     """Pickle ``obj`` (protocol 5); memoryviews travel as views of bytes."""
+    try:
+        return pickle.dumps(obj, PICKLE_PROTOCOL)  # the fast path
+    except TypeError:
+        pass  # e.g. "cannot pickle 'memoryview' object": again, with the table below
     out = io.BytesIO()
     pickler = pickle.Pickler(out, PICKLE_PROTOCOL)
     pickler.dispatch_table = _DISPATCH  # type: ignore[assignment]
