@@ -96,6 +96,7 @@ async def test_poison_task_is_refused_after_repeated_crashes() -> None:
 
 async def test_recycling_by_task_count_keeps_capacity() -> None:
     async with manager(workers=2, max_tasks_per_worker=3) as wm:
+        await until(lambda: wm.stats().spares == 1)
         first = set(wm.worker_pids())
         for _ in range(12):
             await wm.run(tasks.pid)
@@ -141,6 +142,7 @@ async def test_hung_idle_worker_is_replaced() -> None:
 
 async def test_spare_takes_a_crashed_slot_at_once() -> None:
     async with manager(spare_workers=1) as wm:
+        await until(lambda: wm.stats().spares == 1)  # it starts after the workers
         with pytest.raises(WorkerCrashed):
             await wm.run(tasks.exit_now)
         assert wm.stats().workers == 1  # the spare stepped in before the caller heard
@@ -225,6 +227,7 @@ async def test_stop_iteration_and_interrupting_results_do_not_escape() -> None:
 async def test_a_killed_spare_is_replaced_by_a_spare() -> None:
     others = {p.pid for p in psutil.Process().children()}  # e.g. multiprocessing's helpers
     async with manager(workers=2, spare_workers=1) as wm:
+        await until(lambda: wm.stats().spares == 1)
         children = {p.pid for p in psutil.Process().children()} - others
         (spare,) = children - set(wm.worker_pids())
         os.kill(spare, signal.SIGKILL)

@@ -546,13 +546,14 @@ class WorkerManager:
     def stats(self) -> Stats:
         """A frozen snapshot of counters, queue lengths and wait/run percentiles."""
         queued = dict.fromkeys(("high", "normal", "low"), 0)
-        workers = running = 0
+        workers = spares = running = 0
         for pool in self._pools.values():
             for priority, count in pool.queue.counts().items():
                 queued[priority.name.lower()] += count
             workers += pool.ready_workers
+            spares += pool.ready_spares
             running += pool.holding
-        return self._stats.snapshot(self.kind, workers, running, queued)
+        return self._stats.snapshot(self.kind, workers, spares, running, queued)
 
     def worker_pids(self) -> list[int]:
         """The process ids of this manager's live process workers (for tests and monitoring)."""

@@ -70,6 +70,8 @@ class Backend(Protocol):
     @property
     def ready_workers(self) -> int: ...
     @property
+    def ready_spares(self) -> int: ...
+    @property
     def holding(self) -> int: ...
 
 
@@ -289,6 +291,10 @@ class Pool:
     @property
     def ready_workers(self) -> int:
         return sum(1 for w in self.workers if not w.retired)
+
+    @property
+    def ready_spares(self) -> int:
+        return sum(1 for w in self.spares if not w.retired)
 
     @property
     def holding(self) -> int:

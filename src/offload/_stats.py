@@ -22,6 +22,7 @@ class Stats:
 
     kind: str
     workers: int  #: workers ready to take work
+    spares: int  #: warm spare workers, ready to take a lost or recycled worker's slot
     running: int  #: tasks a worker holds right now (running or next in line there)
     queued: int  #: tasks waiting in the queue
     queued_by_priority: Mapping[str, int] = field(default_factory=dict)
@@ -92,12 +93,15 @@ class StatsRecorder:
         self.waits.append(wait)
         self.runs.append(run)
 
-    def snapshot(self, kind: str, workers: int, running: int, queued: Mapping[str, int]) -> Stats:
+    def snapshot(
+        self, kind: str, workers: int, spares: int, running: int, queued: Mapping[str, int]
+    ) -> Stats:
         w50, w95, w99 = _percentiles(self.waits)
         r50, r95, r99 = _percentiles(self.runs)
         return Stats(
             kind=kind,
             workers=workers,
+            spares=spares,
             running=running,
             queued=sum(queued.values()),
             queued_by_priority=dict(queued),

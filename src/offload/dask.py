@@ -321,6 +321,10 @@ class DaskPool:
         return self._workers
 
     @property
+    def ready_spares(self) -> int:
+        return 0  # Dask manages its own workers
+
+    @property
     def holding(self) -> int:
         return len(self._sent)
 

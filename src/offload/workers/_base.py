@@ -99,6 +99,8 @@ class Worker(abc.ABC):
                 f"{self.kind} worker {self.ident} did not become ready within {timeout:g} s"
             ) from None
         except BaseException:  # failed or cancelled: never leave a half-started worker behind
+            # Stopped now, synchronously: a second cancellation may end the wait below early.
+            self.stop_now()
             await asyncio.shield(self.kill_and_wait())
             raise
         self.ready = True
@@ -198,6 +200,10 @@ class Worker(abc.ABC):
     @abc.abstractmethod
     async def wait_closed(self, timeout: float) -> None:
         """Wait for the worker to end after ``close``; force it after ``timeout`` if possible."""
+
+    @abc.abstractmethod
+    def stop_now(self) -> None:
+        """Close the pipes and end the worker as far as its kind allows, without waiting."""
 
     @abc.abstractmethod
     async def kill_and_wait(self) -> None:

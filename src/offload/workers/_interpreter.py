@@ -146,9 +146,12 @@ class InterpreterWorker(Worker):
         if self._thread is not None:
             self._thread.join()  # it is past its last line: only the thread's exit is left
 
+    def stop_now(self) -> None:
+        self.quarantine()  # an interpreter cannot be killed: it runs nothing more
+
     async def kill_and_wait(self) -> None:
         # An interpreter cannot be killed: stop giving it work and let its call end.
-        self.quarantine()
+        self.stop_now()
         await self.wait_closed(float("inf"))
 
     def exit_note(self) -> str:

@@ -67,9 +67,12 @@ class ProcessWorker(Worker):
         except TimeoutError:
             await self.kill_and_wait()
 
-    async def kill_and_wait(self) -> None:
+    def stop_now(self) -> None:
         self.close()
         self.kill()
+
+    async def kill_and_wait(self) -> None:
+        self.stop_now()
         if self._exited is not None:
             await asyncio.shield(self._exited)
 
