@@ -182,8 +182,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.asyncio
-async def test_the_script_serves_and_stops_cleanly() -> None:
+@asynccontextmanager
+async def script_server(
+    timeout: float,
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, httpx.AsyncClient]]:
+    """``python examples/web_app.py`` on a free port, up and answering; never left running."""
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         *(sys.executable, str(EXAMPLE), "--port", str(port), "--workers", "1"),
@@ -191,43 +194,10 @@ async def test_the_script_serves_and_stops_cleanly() -> None:
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=timeout
+        ) as client:
             async with asyncio.timeout(30):  # bounded wait for the server to come up
-                while True:
-                    try:
-                        health = await client.get("/health")
-                        break
-                    except httpx.ConnectError:
-                        assert process.returncode is None
-                        await asyncio.sleep(0.05)
-            assert health.json()["workers"] == 1
-            hashed = await client.post("/password/hash", json={"password": "x"})
-            assert hashed.status_code == 200
-        workers = psutil.Process(process.pid).children()
-        assert workers
-        process.send_signal(signal.SIGINT)
-        async with asyncio.timeout(20):
-            _, err = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert b"Application shutdown complete" in err
-    assert not any(w.is_running() for w in workers)
-
-
-@pytest.mark.asyncio
-async def test_sigterm_drains_requests_in_flight() -> None:
-    """SIGTERM to the server: requests already taken finish (200), then workers stop."""
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, str(EXAMPLE), "--port", str(port), "--workers", "1"),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            async with asyncio.timeout(30):
                 while True:
                     try:
                         await client.get("/health")
@@ -235,25 +205,54 @@ async def test_sigterm_drains_requests_in_flight() -> None:
                     except httpx.ConnectError:
                         assert process.returncode is None
                         await asyncio.sleep(0.05)
-            workers = psutil.Process(process.pid).children()
-            hashes = [
-                asyncio.create_task(client.post("/password/hash", json={"password": f"p{i}"}))
-                for i in range(3)
-            ]
-            # One worker: one hash runs, one waits behind it, one waits in the queue.
-            async with asyncio.timeout(30):
-                while (await client.get("/health")).json()["queued"] < 1:  # noqa: ASYNC110
-                    await asyncio.sleep(0.02)
-            process.send_signal(signal.SIGTERM)
-            responses = await asyncio.gather(*hashes)
-        assert [r.status_code for r in responses] == [200, 200, 200]
-        assert all(r.json()["hash"].startswith("$scrypt$") for r in responses)
-        async with asyncio.timeout(30):
-            _, err = await process.communicate()
+            yield process, client
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def stop(process: asyncio.subprocess.Process, sig: int) -> bytes:
+    """Send ``sig`` and wait (bounded) for the server to exit; its stderr."""
+    process.send_signal(sig)
+    async with asyncio.timeout(30):
+        _, err = await process.communicate()
+    return err
+
+
+@pytest.mark.asyncio
+async def test_the_script_serves_and_stops_cleanly() -> None:
+    async with script_server(timeout=5) as (process, client):
+        health = await client.get("/health")
+        assert health.json()["workers"] == 1
+        hashed = await client.post("/password/hash", json={"password": "x"})
+        assert hashed.status_code == 200
+        workers = psutil.Process(process.pid).children()
+        assert workers
+        err = await stop(process, signal.SIGINT)
+    assert b"Application shutdown complete" in err
+    assert not any(w.is_running() for w in workers)
+
+
+@pytest.mark.asyncio
+async def test_sigterm_drains_requests_in_flight() -> None:
+    """SIGTERM to the server: requests already taken finish (200), then workers stop."""
+    async with script_server(timeout=30) as (process, client):
+        workers = psutil.Process(process.pid).children()
+        hashes = [
+            asyncio.create_task(client.post("/password/hash", json={"password": f"p{i}"}))
+            for i in range(3)
+        ]
+        # One worker: one hash runs, one waits behind it, one waits in the queue.
+        async with asyncio.timeout(30):
+            while (await client.get("/health")).json()["queued"] < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        responses = await asyncio.gather(*hashes)
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        assert all(r.json()["hash"].startswith("$scrypt$") for r in responses)
+        async with asyncio.timeout(30):
+            _, err = await process.communicate()
     # uvicorn re-raises the signal once it has shut down cleanly
     assert process.returncode in (0, -signal.SIGTERM), err.decode()[-2000:]
     assert b"Application shutdown complete" in err

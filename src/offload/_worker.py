@@ -108,10 +108,8 @@ _DISPATCH = {memoryview: _reduce_memoryview}
 
 def dumps(obj: Any) -> bytes:
     """Pickle ``obj`` (protocol 5); memoryviews travel as views of bytes."""
-    try:
-        return pickle.dumps(obj, PICKLE_PROTOCOL)  # the fast path
-    except TypeError:
-        pass  # e.g. "cannot pickle 'memoryview' object": again, with the table below
+    with contextlib.suppress(TypeError):  # e.g. a memoryview: again below, with the table
+        return pickle.dumps(obj, PICKLE_PROTOCOL)
     out = io.BytesIO()
     pickler = pickle.Pickler(out, PICKLE_PROTOCOL)
     pickler.dispatch_table = _DISPATCH  # type: ignore[assignment]
