@@ -337,20 +337,22 @@ class WorkerManager:
             return await self._submit(task, self._pools_for(None))
         if isinstance(task, Mapping):
             parsed, entry = task_from_dict(task)
-            return await self._submit(parsed, self._pools_for(entry))
+            return await self._submit(parsed, self._pools_for(entry, task.get("data")))
         raise InvalidTask(f"execute_task takes a Task or a dict, not {type(task).__name__}")
 
-    def _pools_for(self, entry: RegisteredTask | None) -> Backend:
+    def _pools_for(self, entry: RegisteredTask | None, data: Any = None) -> Backend:
         if self._state is not _State.RUNNING:
             raise ManagerClosed(self._closed_message())
-        if entry is None or self.kind in entry.kinds:
+        kinds = entry.kinds_of(data) if entry is not None else None
+        if kinds is None or self.kind in kinds:
             return self._pools[self.kind]
-        if "process" in entry.kinds and "process" in self._pools:
+        if "process" in kinds and "process" in self._pools:
             return self._pools["process"]
+        assert entry is not None
         why = f" ({entry.why_not})" if entry.why_not else ""
         raise UnsupportedKind(
-            f"task type {entry.name!r} cannot run on {self.kind} workers{why}; it runs on "
-            f"{sorted(entry.kinds)}: use WorkerManager(kind='process') or give this manager "
+            f"task type {entry.name!r} cannot run on {self.kind} workers{why}; here it runs on "
+            f"{sorted(kinds)}: use WorkerManager(kind='process') or give this manager "
             "process workers: WorkerManager(kind='interpreter', process_workers=1)"
         )
 
@@ -386,7 +388,8 @@ class WorkerManager:
                     self._refuse_poison(task, payload)
                 self._stats.retried += 1
                 await asyncio.sleep(delay)
-                pool = self._pools_for(None) if pool.kind == self.kind else pool
+                if self._state is not _State.RUNNING:  # shut down while waiting to retry
+                    raise ManagerClosed(self._closed_message(), task_id=task.id) from exc
 
     async def _attempt(
         self, task: Task, pool: Backend, payload: bytes, timeout: float | None

@@ -141,6 +141,13 @@ class RegisteredTask:
     fn: Callable[[Any], Any]
     kinds: frozenset[str]
     why_not: str = ""  # why some kinds are excluded, shown in the routing error
+    #: Narrows ``kinds`` for one task's ``data`` (e.g. one scheme needs a process).
+    kinds_for: Callable[[Any], tuple[str, ...] | None] | None = None
+
+    def kinds_of(self, data: Any) -> frozenset[str]:
+        """The worker kinds that can run this type with this ``data``."""
+        narrowed = self.kinds_for(data) if self.kinds_for is not None else None
+        return self.kinds if narrowed is None else self.kinds & frozenset(narrowed)
 
 
 _registry: dict[str, RegisteredTask] = {}
@@ -149,7 +156,11 @@ F = TypeVar("F", bound=Callable[[Any], Any])
 
 
 def task(
-    name: str, *, kinds: tuple[KindName, ...] | None = None, why_not: str = ""
+    name: str,
+    *,
+    kinds: tuple[KindName, ...] | None = None,
+    why_not: str = "",
+    kinds_for: Callable[[Any], tuple[str, ...] | None] | None = None,
 ) -> Callable[[F], F]:
     """Register ``fn`` as the task type ``name``; it receives the dict task's ``data``.
 
@@ -161,7 +172,8 @@ def task(
     Then ``await wm.execute_task({"type": "demo:double", "data": 21})`` returns ``42``.
     The registry is an allow-list: only registered names run, never a dotted path from
     request data. ``kinds`` limits the worker kinds the type can run on (for example
-    ``("process",)`` when it imports a module that refuses to load in a subinterpreter).
+    ``("process",)`` when it imports a module that refuses to load in a subinterpreter);
+    ``kinds_for(data)`` may narrow them per task (return ``None`` to keep ``kinds``).
     """
     if not isinstance(name, str) or not name:
         raise ValueError("a task type name must be a non-empty string")
@@ -179,7 +191,7 @@ def task(
         existing = _registry.get(name)
         if existing is not None and existing.fn is not fn and _ident(existing.fn) != _ident(fn):
             raise ValueError(f"task type {name!r} is already registered to {_ident(existing.fn)}")
-        _registry[name] = RegisteredTask(name, fn, allowed, why_not)
+        _registry[name] = RegisteredTask(name, fn, allowed, why_not, kinds_for)
         return fn
 
     return register

@@ -280,13 +280,25 @@ def _ascii(value: object) -> str:
 _HASH_OPTIONS: Final = ("scheme", "n", "r", "p", "time_cost", "memory_cost", "parallelism")
 
 
-@task("crypto:hash_password")
+def _argon2_needs_a_process(data: Any) -> tuple[str, ...] | None:
+    """argon2id comes from cryptography, which does not load in a subinterpreter."""
+    if not isinstance(data, dict):
+        return None
+    stored = data.get("hash")
+    if data.get("scheme") == "argon2id" or (
+        isinstance(stored, str) and stored.startswith("$argon2id$")
+    ):
+        return PROCESS_KINDS
+    return None
+
+
+@task("crypto:hash_password", kinds_for=_argon2_needs_a_process, why_not=NEEDS_CRYPTOGRAPHY)
 def _hash_password_task(data: Any) -> str:
     args = unpack(data, "crypto:hash_password", ("password",), _HASH_OPTIONS)
     return hash_password(args.pop("password"), **args)
 
 
-@task("crypto:verify_password")
+@task("crypto:verify_password", kinds_for=_argon2_needs_a_process, why_not=NEEDS_CRYPTOGRAPHY)
 def _verify_password_task(data: Any) -> bool:
     args = unpack(data, "crypto:verify_password", ("password", "hash"))
     return verify_password(args["password"], args["hash"])
