@@ -66,7 +66,12 @@ async def at_full_strength(wm: WorkerManager, count: int, tmp: Path) -> set[tupl
     folder = tmp / f"meet-{next(_meetings)}"
     folder.mkdir()
     met = await asyncio.gather(
-        *(wm.run(fault_tasks.rendezvous, str(folder), count, timeout=10) for _ in range(count))
+        # Generous bounds: after chaos, a replacement interpreter may still be starting, and a
+        # meeting task handed off behind a busy worker waits until it is taken back.
+        *(
+            wm.run(fault_tasks.rendezvous, str(folder), count, 15.0, timeout=20)
+            for _ in range(count)
+        )
     )
     assert len(set(met)) == count, met
     if wm.kind == "process":
