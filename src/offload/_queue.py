@@ -122,10 +122,3 @@ class JobQueue:
     def waiting(self) -> list[Job]:
         """Every waiting job, in no particular order."""
         return [entry[2] for entry in self._heap if entry[2].state is JobState.QUEUED]
-
-    def drain(self) -> list[Job]:
-        """Remove and return every waiting job, in order."""
-        jobs = []
-        while (job := self.pop()) is not None:
-            jobs.append(job)
-        return jobs

@@ -48,7 +48,6 @@ class Worker(abc.ABC):
         self.number = number
         self.inflight: deque[Job] = deque()
         self.connection: Connection | None = None
-        self.ready = False
         self.retired = False  # no longer takes work (being replaced, stopped or gone)
         self.draining = False  # being recycled: finishes what it holds, then exits
         self.tasks_done = 0
@@ -103,7 +102,6 @@ class Worker(abc.ABC):
             self.stop_now()
             await asyncio.shield(self.kill_and_wait())
             raise
-        self.ready = True
         self.started_at = loop.time()
 
     @abc.abstractmethod
