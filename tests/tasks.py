@@ -75,6 +75,30 @@ def count(n: int) -> int:
     return total
 
 
+def gil_rendezvous(path: str, role: int, bound: float) -> bool:
+    """Meet the other role through a shared mmap without ever letting go of the GIL.
+
+    Each side raises its own byte and spins in pure Python until it sees the other's. The
+    switch interval is set far beyond ``bound``, so a side that shares its GIL with the other
+    never hands it over and both give up after ``bound`` seconds: only two GILs can meet.
+    """
+    import mmap
+    import sys
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)  # per GIL: no forced hand-over inside the loop below
+    try:
+        with open(path, "r+b") as file, mmap.mmap(file.fileno(), 2) as shared:
+            shared[role] = 1
+            end = time.monotonic() + bound  # neither call below releases the GIL
+            while time.monotonic() < end:
+                if shared[1 - role]:
+                    return True
+            return False
+    finally:
+        sys.setswitchinterval(interval)
+
+
 def block_in_c(seconds: float) -> float:
     """Blocked in C (time.sleep): no interrupt reaches it."""
     time.sleep(seconds)
