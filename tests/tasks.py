@@ -186,3 +186,48 @@ class InterruptsOnLoad:
 
 def return_interrupting() -> InterruptsOnLoad:
     return InterruptsOnLoad()
+
+
+class Kept:
+    """Holds a buffer it was rebuilt from (as a numpy array does): pickled out of band."""
+
+    def __init__(self, data: bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        import pickle
+
+        return Kept, (pickle.PickleBuffer(self.data),)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Kept) and bytes(self.data) == bytes(other.data)
+
+
+def kept(size: int, fill: int) -> Kept:
+    return Kept(bytearray([fill]) * size)
+
+
+class Explodes:
+    """Pickles fine (with an out-of-band buffer); unpickling it raises."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        import pickle
+
+        return _explode, (pickle.PickleBuffer(b"x" * self.size),)
+
+
+def _explode(buffer: Any) -> None:
+    raise ValueError(f"cannot rebuild from {len(memoryview(buffer))} bytes")
+
+
+def explodes(size: int) -> Explodes:
+    return Explodes(size)
+
+
+def checksum(data: bytes | bytearray | memoryview) -> tuple[str, int]:
+    import hashlib
+
+    return type(data).__name__, int.from_bytes(hashlib.sha256(data).digest()[:8], "little")

@@ -75,12 +75,20 @@ class Connection:
 
     # -- sending ---------------------------------------------------------------------------
 
-    def send(self, task_id: int, tag: int, payload: bytes | memoryview = b"") -> None:
+    def send(
+        self,
+        task_id: int,
+        tag: int,
+        payload: bytes | memoryview | list[memoryview] = b"",
+        acked: float = 0.0,
+    ) -> None:
+        """Send a frame (``payload`` may come in parts); ``acked`` rides in its seconds field."""
         if self.closed:
             return
-        parts = [memoryview(HEADER.pack(task_id, tag, len(payload), 0.0))]
-        if payload:
-            parts.append(memoryview(payload))
+        body = payload if isinstance(payload, list) else [memoryview(payload)]
+        size = sum(part.nbytes for part in body)
+        parts = [memoryview(HEADER.pack(task_id, tag, size, acked))]
+        parts += (part for part in body if part.nbytes)
         if self._pending:
             self._pending += parts
             return

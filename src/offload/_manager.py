@@ -56,6 +56,10 @@ DEFAULT_MAX_PAYLOAD: Final = 256 * 1024 * 1024
 POISON_MEMORY: Final = 600.0  # seconds a crash counts against an identical task
 
 
+# Kinds whose workers share memory with this process: big buffers go out of band (see _worker).
+_SHARED_MEMORY_KINDS = frozenset({"process", "interpreter"})
+
+
 class _State(enum.Enum):
     NEW = "new"
     RUNNING = "running"
@@ -364,7 +368,7 @@ class WorkerManager:
     async def _submit(self, task: Task, pool: Backend) -> Any:
         policy = coerce_retry(task.retry) if task.retry is not None else self.default_retry
         timeout = task.timeout if task.timeout is not None else self.default_timeout
-        payload = self._pickle_call(task)
+        payload = self._pickle_call(task, out_of_band=pool.kind in _SHARED_MEMORY_KINDS)
         if self._crashes:
             self._refuse_poison(task, payload)
         if policy is None:
@@ -392,7 +396,7 @@ class WorkerManager:
                     raise ManagerClosed(self._closed_message(), task_id=task.id) from exc
 
     async def _attempt(
-        self, task: Task, pool: Backend, payload: bytes, timeout: float | None
+        self, task: Task, pool: Backend, payload: bytes | wire.Payload, timeout: float | None
     ) -> Any:
         if len(pool.queue) >= self.max_queue and not pool.has_room():
             self._stats.rejected += 1
@@ -425,7 +429,7 @@ class WorkerManager:
                 pool.stop(job, "cancelled")
             raise
 
-    def _refuse_poison(self, task: Task, payload: bytes) -> None:
+    def _refuse_poison(self, task: Task, payload: bytes | wire.Payload) -> None:
         key = _digest(payload)
         crashes, last = self._crashes.get(key, (0, 0.0))
         if time.monotonic() - last > POISON_MEMORY:
@@ -445,9 +449,12 @@ class WorkerManager:
         while len(self._crashes) > 1024:
             self._crashes.popitem(last=False)
 
-    def _pickle_call(self, task: Task) -> bytes:
+    def _pickle_call(self, task: Task, out_of_band: bool) -> bytes | wire.Payload:
         try:
-            payload = wire.dumps((task.fn, task.args, dict(task.kwargs)))
+            call = (task.fn, task.args, dict(task.kwargs))
+            # Buffers are looked for in the arguments and their items, if there may be any.
+            scan = wire.may_hold_buffers(task.args) or wire.may_hold_buffers(task.kwargs.values())
+            payload = wire.encode(call, out_of_band, depth=3 if scan else 0)
         except Exception as exc:
             raise NotSerializable(
                 f"the task's function or arguments cannot be pickled: {type(exc).__name__}: "
@@ -575,8 +582,13 @@ def _main_reference() -> tuple[str, str] | None:
     return None
 
 
-def _digest(payload: bytes) -> bytes:
-    return hashlib.blake2b(payload, digest_size=16).digest()
+def _digest(payload: bytes | wire.Payload) -> bytes:
+    if isinstance(payload, bytes):
+        return hashlib.blake2b(payload, digest_size=16).digest()
+    digest = hashlib.blake2b(payload.data, digest_size=16)
+    for buffer in payload.buffers:
+        digest.update(buffer)
+    return digest.digest()
 
 
 def _first_line(exc: BaseException) -> str:

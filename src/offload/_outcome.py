@@ -23,10 +23,10 @@ class RemoteTraceback(Exception):
         return f'\n"""\n{self.tb}"""'
 
 
-def loads(data: bytes | memoryview) -> Any:
+def loads(data: bytes | memoryview, buffers: list[Any] | None = None) -> Any:
     # A class a worker defined in the caller's __main__ comes back as __mp_main__: the manager
     # aliases that name to __main__ when it starts (see alias_main).
-    return pickle.loads(data)
+    return pickle.loads(data, buffers=buffers)
 
 
 def alias_main() -> None:
@@ -36,11 +36,13 @@ def alias_main() -> None:
         sys.modules.setdefault("__mp_main__", main)
 
 
-def decode_answer(tag: int, payload: memoryview, kind: str, task_id: str | None) -> Any:
-    """The result for ``tag``/``payload``, or raise what the caller should see."""
+def decode_answer(
+    tag: int, payload: memoryview, kind: str, task_id: str | None, buffers: list[Any] | None = None
+) -> Any:
+    """The result for ``tag``/``payload`` (and its out-of-band ``buffers``), or the error."""
     if tag == wire.OK:
         try:
-            return loads(payload)
+            return loads(payload, buffers)
         except BaseException as exc:  # the result's own code ran here: it must not escape
             raise NotSerializable(
                 f"the result could not be unpickled here: {type(exc).__name__}: {exc}",

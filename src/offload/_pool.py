@@ -408,7 +408,13 @@ class Pool:
     # -- answers and losses ----------------------------------------------------------------
 
     def on_answer(
-        self, worker: Worker, task_id: int, tag: int, payload: memoryview, seconds: float
+        self,
+        worker: Worker,
+        task_id: int,
+        tag: int,
+        payload: memoryview,
+        seconds: float,
+        buffers: list[Any] | None,
     ) -> None:
         if not worker.inflight or worker.inflight[0].wire_id != task_id:
             log.error("offload: %s answered out of order; replacing it", worker.ident)
@@ -430,11 +436,12 @@ class Pool:
                 self._ledger.settle(job, error=WorkerCrashed("the worker skipped this task"))
             else:
                 try:
-                    result = decode_answer(tag, payload, self.kind, job.task_id)
+                    result = decode_answer(tag, payload, self.kind, job.task_id, buffers)
                 except BaseException as exc:
                     self._ledger.settle(job, error=exc, run=seconds)
                 else:
                     self._ledger.settle(job, result=result, run=seconds)
+        worker.answer_read()  # before pump(): the frames it sends say the arena is free
         self.pump()
 
     def on_lost(self, worker: Worker) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ._task import Priority
 
 if TYPE_CHECKING:
+    from ._worker import Payload
     from .workers import Worker
 
 __all__ = ("Job", "JobQueue", "JobState")
@@ -47,7 +48,7 @@ class Job:
         self,
         seq: int,
         priority: Priority,
-        payload: bytes,
+        payload: bytes | Payload,
         future: asyncio.Future[Any],
         task_id: str | None,
         name: str,

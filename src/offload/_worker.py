@@ -12,14 +12,25 @@ seconds) followed by the payload. Parent -> worker: ``INIT`` (settings), ``RUN``
 8-byte words: a task id to interrupt (interpreter workers) or, with the top bit set, a health
 ping. It is also the worker's lifeline: when the parent goes away, its end closes and a process
 worker exits at once.
+
+Big buffers (bytes, bytearray, memoryview, and anything pickled as a ``PickleBuffer``, from
+``SHARED_MIN`` up) travel out of band: the pickle refers to them, and they are copied once into
+a shared-memory arena (a memfd both sides map) instead of through the pipe. A frame whose tag
+has the ``OOB`` bit carries a body (see ``Payload``) that says where they are. Each worker has
+two arenas towards it (one per task it may hold) and one back; the parent frees an inbound
+arena when the task's answer comes, and tells the worker in each frame's seconds field how many
+outbound arena answers it has read (``acked``). A buffer with no free arena goes inline, after
+the pickle in the same frame.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import mmap
 import os
 import pickle
+import select
 import struct
 import sys
 import threading
@@ -48,8 +59,14 @@ STOLEN = 20  # a task waiting here was taken back by the parent: it will not run
 PING_BIT = 1 << 63  # a control word with this bit is a health ping, not an interrupt
 STEAL_BIT = 1 << 62  # ... with this one, a request to give back a task not started yet
 
+OOB = 0x80  # tag bit: the payload is a body with out-of-band buffers (see Payload)
+
 PICKLE_PROTOCOL = 5
 _READ_CHUNK = 1 << 20
+SHARED_MIN = 1 << 16  # buffers from this size up travel out of band
+INLINE = 255  # arena number of a body whose buffers follow its pickle in the frame
+_BODY = struct.Struct("<BI")  # arena number, buffer count; then a <Q size and a flag each
+_ALIGN = 64
 
 
 class _Interrupted(BaseException):
@@ -88,15 +105,15 @@ def _load_main() -> None:
     sys.modules["__main__"] = sys.modules["__mp_main__"] = module
 
 
-def loads(data: bytes | memoryview) -> Any:
+def loads(data: bytes | memoryview, buffers: list[Any] | None = None) -> Any:
     """Unpickle (without copying ``data``), loading the caller's ``__main__`` if it needs it."""
     try:
-        return pickle.loads(data)
+        return pickle.loads(data, buffers=buffers)
     except (AttributeError, ImportError):
         if "__mp_main__" in sys.modules or _main is None:
             raise
     _load_main()
-    return pickle.loads(data)
+    return pickle.loads(data, buffers=buffers)
 
 
 def _reduce_memoryview(view: memoryview) -> tuple[type[memoryview], tuple[bytes]]:
@@ -106,15 +123,238 @@ def _reduce_memoryview(view: memoryview) -> tuple[type[memoryview], tuple[bytes]
 _DISPATCH = {memoryview: _reduce_memoryview}
 
 
-def dumps(obj: Any) -> bytes:
+def dumps(obj: Any, buffer_callback: Any = None) -> bytes:
     """Pickle ``obj`` (protocol 5); memoryviews travel as views of bytes."""
-    with contextlib.suppress(TypeError):  # e.g. a memoryview: again below, with the table
-        return pickle.dumps(obj, PICKLE_PROTOCOL)
+    try:  # (not contextlib.suppress: on every call, it would cost as much as the pickling)
+        return pickle.dumps(obj, PICKLE_PROTOCOL, buffer_callback=buffer_callback)
+    except TypeError:  # e.g. a memoryview: again below, with the table
+        pass
     out = io.BytesIO()
-    pickler = pickle.Pickler(out, PICKLE_PROTOCOL)
+    pickler = pickle.Pickler(out, PICKLE_PROTOCOL, buffer_callback=buffer_callback)
     pickler.dispatch_table = _DISPATCH  # type: ignore[assignment]
     pickler.dump(obj)
     return out.getvalue()
+
+
+# -- out-of-band buffers -------------------------------------------------------------------
+
+
+class _Lifted:
+    """A big bytes, bytearray or memoryview, pickled so that its buffer goes out of band.
+
+    The pickler writes exact bytes and bytearray objects itself (no hook sees them), so they
+    are swapped for this before pickling. Each rebuilds as a copy (``bytes(buffer)``), which
+    frees the arena at once.
+    """
+
+    __slots__ = ("buffer", "kind")
+
+    def __init__(self, kind: type, buffer: pickle.PickleBuffer) -> None:
+        self.kind = kind
+        self.buffer = buffer
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        if self.kind is memoryview:  # comes back as a read-only view of bytes, as in band
+            return memoryview, (_Lifted(bytes, self.buffer),)
+        return self.kind, (self.buffer,)
+
+
+_BUFFER_OR_CONTAINER = frozenset({bytes, bytearray, memoryview, tuple, list, dict})
+
+
+def may_hold_buffers(values: Any) -> bool:
+    """Whether any of ``values`` is a buffer or a container (a quick check before ``_lift``)."""
+    return not _BUFFER_OR_CONTAINER.isdisjoint(map(type, values))
+
+
+def _lift(obj: Any, ours: set[int], snapshot: bool, depth: int) -> Any:
+    """``obj`` with its big buffers (at most ``depth`` containers deep) swapped for _Lifted.
+
+    On the path of every call: it allocates nothing unless it finds a big buffer.
+    """
+    kind = type(obj)
+    if kind is bytes or kind is bytearray or kind is memoryview:
+        if (obj.nbytes if kind is memoryview else len(obj)) < SHARED_MIN or (
+            kind is memoryview and not obj.c_contiguous
+        ):
+            return obj
+        if snapshot and (kind is bytearray or (kind is memoryview and not obj.readonly)):
+            obj = bytes(obj)  # mutable: the call gets its value at the time of the call
+        buffer = pickle.PickleBuffer(obj)
+        ours.add(id(buffer))
+        return _Lifted(kind, buffer)
+    if not depth:
+        return obj
+    if kind is tuple or kind is list:
+        changed: list[Any] | None = None
+        for index, item in enumerate(obj):
+            lifted = _lift(item, ours, snapshot, depth - 1)
+            if lifted is not item:
+                if changed is None:
+                    changed = list(obj)
+                changed[index] = lifted
+        return obj if changed is None else kind(changed)
+    if kind is dict:
+        swapped: dict[Any, Any] | None = None
+        for key, value in obj.items():
+            lifted = _lift(value, ours, snapshot, depth - 1)
+            if lifted is not value:
+                if swapped is None:
+                    swapped = dict(obj)
+                swapped[key] = lifted
+        return obj if swapped is None else swapped
+    return obj
+
+
+class Payload:
+    """A pickle and the buffers it left out of band (``encode`` returns one when there are any).
+
+    ``lendable`` flags each buffer that only offload's own rebuilders read (they copy it);
+    another buffer (a numpy array's, say) may be kept by what it rebuilds, so the receiver
+    hands that one over as a private copy, never as a view of an arena.
+    """
+
+    __slots__ = ("buffers", "data", "lendable", "size")
+
+    def __init__(self, data: bytes, buffers: list[memoryview], lendable: bytes) -> None:
+        self.data = data
+        self.buffers = buffers
+        self.lendable = lendable
+        self.size = len(data) + sum(b.nbytes for b in buffers)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def parts(self, arena: Arena | None, number: int) -> list[memoryview]:
+        """The frame body: the buffers go into ``arena`` (numbered ``number``), else inline."""
+        sizes = [b.nbytes for b in self.buffers]
+        head = bytearray(_BODY.pack(INLINE if arena is None else number, len(sizes)))
+        head += struct.pack(f"<{len(sizes)}Q", *sizes) + self.lendable
+        parts = [memoryview(bytes(head)), memoryview(self.data)]
+        if arena is None:
+            return parts + self.buffers
+        view = arena.view(_span(sizes), grow=True)
+        with view:
+            offset = 0
+            for buffer in self.buffers:
+                view[offset : offset + buffer.nbytes] = buffer
+                offset = _aligned(offset + buffer.nbytes)
+        return parts
+
+
+def encode(
+    obj: Any, out_of_band: bool = True, snapshot: bool = True, depth: int = 2
+) -> bytes | Payload:
+    """Pickle ``obj``; with ``out_of_band``, big buffers are left out (a ``Payload``).
+
+    Bytes, bytearrays and memoryviews are found up to ``depth`` containers (tuple, list, dict)
+    deep (0: not looked for); other objects' ``PickleBuffer``s anywhere. ``snapshot``: copy
+    mutable buffers now (a caller may change them before they are sent).
+    """
+    if not out_of_band:
+        return dumps(obj)
+    ours: set[int] = set()
+    buffers: list[memoryview] = []
+    lendable = bytearray()
+
+    def keep(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: in band
+            return True
+        if raw.nbytes < SHARED_MIN:
+            return True
+        buffers.append(memoryview(bytes(raw)) if snapshot and not raw.readonly else raw)
+        lendable.append(id(buffer) in ours)
+        return False
+
+    data = dumps(_lift(obj, ours, snapshot, depth) if depth else obj, keep)
+    return Payload(data, buffers, bytes(lendable)) if buffers else data
+
+
+def _aligned(offset: int) -> int:
+    return (offset + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _span(sizes: list[int]) -> int:
+    return _aligned(sum(_aligned(size) for size in sizes)) or _ALIGN
+
+
+def decode_body(body: memoryview, arenas: list[Arena]) -> tuple[memoryview, list[Any], Any]:
+    """A body's pickle and buffers (views of the frame or of an arena), and the arena's view.
+
+    Release the returned view (if any) once the pickle is loaded: the arena is then free.
+    """
+    number, count = _BODY.unpack_from(body)
+    sizes = struct.unpack_from(f"<{count}Q", body, _BODY.size)
+    flags_at = _BODY.size + 8 * count
+    lendable = body[flags_at : flags_at + count]
+    data_end = len(body) - (sum(sizes) if number == INLINE else 0)
+    data = body[flags_at + count : data_end]
+    inline = number == INLINE
+    held = None if inline else arenas[number].view(_span(list(sizes)))
+    source = body if held is None else held
+    offset = data_end if inline else 0
+    buffers: list[Any] = []
+    for size, lend in zip(sizes, lendable, strict=True):
+        piece = source[offset : offset + size]
+        buffers.append(piece if lend else bytearray(piece))
+        offset += size if inline else _aligned(size)
+    return data, buffers, held
+
+
+def release(buffers: list[Any], held: memoryview | None) -> bool:
+    """Let go of what ``decode_body`` lent; ``False`` if something still holds an arena view."""
+    free = True
+    for buffer in buffers:
+        if isinstance(buffer, memoryview):
+            try:
+                buffer.release()
+            except BufferError:
+                free = False
+    if held is not None:
+        held.release()
+    return free
+
+
+class Arena:
+    """A growable shared-memory region, mapped by the parent and one worker (a memfd)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._map: mmap.mmap | None = None
+
+    @staticmethod
+    def create() -> int | None:
+        """A new memfd for an arena, or ``None`` where there is none (not Linux)."""
+        try:
+            return os.memfd_create("offload-arena", os.MFD_CLOEXEC)
+        except (AttributeError, OSError):
+            return None
+
+    def view(self, size: int, grow: bool = False) -> memoryview:
+        """A view of the first ``size`` bytes (the writer grows the region as needed)."""
+        if self._map is None or len(self._map) < size:
+            have = os.fstat(self.fd).st_size
+            if have < size:
+                if not grow:
+                    raise ValueError("the arena is smaller than the frame says")
+                have = max(size, 2 * have)
+                os.ftruncate(self.fd, have)
+            self._drop_map()
+            self._map = mmap.mmap(self.fd, have)
+        return memoryview(self._map)[:size]
+
+    def _drop_map(self) -> None:
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a view is still out: it keeps the map
+                self._map.close()
+            self._map = None
+
+    def close(self) -> None:
+        self._drop_map()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 class _Channel:
@@ -126,6 +366,7 @@ class _Channel:
         self.buffer = bytearray()
         self.frames: deque[tuple[int, int, memoryview]] = deque()
         self.eof = False
+        self.acked = 0.0  # how many answers in the outbound arena the parent has read
         self.send_lock = threading.Lock()  # the watcher thread answers pings too
 
     def _fill(self) -> None:
@@ -142,9 +383,10 @@ class _Channel:
         buf = self.buffer
         if len(buf) < HEADER.size:
             return
-        task_id, tag, length, _ = HEADER.unpack_from(buf, 0)
+        task_id, tag, length, acked = HEADER.unpack_from(buf, 0)
         if length < _READ_CHUNK:
             return
+        self.acked = max(self.acked, acked)
         payload = bytearray(length)
         have = len(buf) - HEADER.size
         payload[:have] = memoryview(buf)[HEADER.size :]
@@ -163,10 +405,11 @@ class _Channel:
         start = 0
         size = HEADER.size
         while len(buf) - start >= size:
-            task_id, tag, length, _ = HEADER.unpack_from(buf, start)
+            task_id, tag, length, acked = HEADER.unpack_from(buf, start)
             end = start + size + length
             if len(buf) < end:
                 break
+            self.acked = max(self.acked, acked)
             self.frames.append((task_id, tag, memoryview(bytes(buf[start + size : end]))))
             start = end
         if start:
@@ -180,8 +423,17 @@ class _Channel:
             self._fill()
         return self.frames.popleft()
 
-    def send(self, task_id: int, tag: int, payload: bytes = b"", seconds: float = 0.0) -> None:
-        parts = [memoryview(HEADER.pack(task_id, tag, len(payload), seconds)), memoryview(payload)]
+    def poll(self) -> None:
+        """Take in what has arrived, without waiting (an ack may be in it)."""
+        if not self.eof and select.select([self.rfd], [], [], 0)[0]:
+            self._fill()
+
+    def send(
+        self, task_id: int, tag: int, payload: bytes | list[memoryview] = b"", seconds: float = 0.0
+    ) -> None:
+        body = [memoryview(payload)] if isinstance(payload, bytes) else payload
+        size = sum(part.nbytes for part in body)
+        parts = [memoryview(HEADER.pack(task_id, tag, size, seconds)), *body]
         with self.send_lock:
             while parts:
                 written = os.writev(self.wfd, parts)
@@ -341,27 +593,64 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
 
         limit = int(settings["rlimit_as"])
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    inbound, outbound = _open_arenas(settings.get("arenas", ()))
+    written = 0  # answers put in the outbound arena
     interrupter = _Interrupter(ctl_fd, exit_on_eof=in_process, channel=channel)
-    channel.send(0, READY, pickle.dumps({"pid": os.getpid()}))
+    channel.send(0, READY, pickle.dumps({"pid": os.getpid(), "arenas": bool(inbound)}))
     try:
         while True:
             frame = channel.receive()
             if frame is None or (stop is not None and stop[0]):
                 return
-            task_id, _, payload = frame
+            task_id, tag, payload = frame
             if interrupter.was_stolen(task_id):
                 continue
-            tag, answer, seconds = execute(payload, max_payload, interrupter, task_id)
+            buffers, held = None, None
+            if tag & OOB:
+                payload, buffers, held = decode_body(payload, inbound)
+            tag, answer, seconds = _execute(
+                payload, max_payload, interrupter, task_id, buffers, out_of_band=True
+            )
             del payload
+            if buffers is not None:
+                release(buffers, held)  # the parent reuses that arena once it has the answer
             if interrupter.was_stolen(task_id):  # taken back while it was loading
                 continue
-            channel.send(task_id, tag, answer, seconds)
+            if isinstance(answer, Payload):
+                arena = outbound if outbound is not None and channel.acked >= written else None
+                if arena is None and outbound is not None:
+                    channel.poll()  # the ack for the last one may be on its way
+                    arena = outbound if channel.acked >= written else None
+                written += arena is not None
+                channel.send(task_id, tag | OOB, answer.parts(arena, 0), seconds)
+            else:
+                channel.send(task_id, tag, answer, seconds)
+            del answer
             if max_rss is not None and (rss := _resident_bytes()) > max_rss:
                 channel.send(0, RECYCLE, pickle.dumps(rss))
     finally:
+        for arena in (*inbound, outbound):
+            if arena is not None:
+                arena.close()
         # In a subinterpreter, the host thread closes the pipes after this returns (or raises);
         # the parent then closes the control pipe, and join_watcher() can finish.
         _watchers.append(interrupter.thread)
+
+
+def _open_arenas(fds: Any) -> tuple[list[Arena], Arena | None]:
+    """This side's handles on the parent's arenas: the inbound ones, and the outbound one.
+
+    Duplicated: a subinterpreter shares the parent's descriptor numbers, which the parent
+    closes when it is done with this worker.
+    """
+    arenas: list[Arena] = []
+    try:
+        arenas.extend(Arena(os.dup(fd)) for fd in fds)
+    except OSError:  # none then: every buffer goes inline
+        for arena in arenas:
+            arena.close()
+        return [], None
+    return arenas[:-1], (arenas[-1] if arenas else None)
 
 
 _watchers: list[threading.Thread] = []
@@ -373,22 +662,30 @@ def join_watcher() -> None:
         thread.join()
 
 
-def execute(
+def execute(payload: bytes | memoryview, limit: int) -> tuple[int, bytes, float]:
+    """Load and run one pickled ``(fn, args, kwargs)``: the answer's tag, payload and run time.
+
+    For backends that run tasks elsewhere (``offload.dask``): all in band.
+    """
+    tag, answer, seconds = _execute(payload, limit)
+    assert isinstance(answer, bytes)
+    return tag, answer, seconds
+
+
+def _execute(
     payload: bytes | memoryview,
     limit: int,
     interrupter: _Interrupter | None = None,
     task_id: int = 0,
-) -> tuple[int, bytes, float]:
-    """Load and run one pickled ``(fn, args, kwargs)``: the answer's tag, payload and run time.
-
-    Used by the worker loop here and by backends that run tasks elsewhere (``offload.dask``).
-    """
+    buffers: list[Any] | None = None,
+    out_of_band: bool = False,
+) -> tuple[int, bytes | Payload, float]:
     if interrupter is not None:
         interrupter.last_started = task_id
     try:
         # Loading may import modules: an interrupt then could leave one half-imported,
         # so it waits until the call itself begins.
-        fn, args, kwargs = loads(payload)
+        fn, args, kwargs = loads(payload, buffers)
     except BaseException as exc:
         return LOAD_FAILED, _raised_payload(exc), 0.0
     del payload
@@ -408,7 +705,8 @@ def execute(
     elapsed = time.perf_counter() - started
     del fn, args, kwargs
     try:
-        data = dumps(result)
+        depth = 2 if may_hold_buffers((result,)) else 0
+        data = encode(result, out_of_band, snapshot=False, depth=depth)  # sent at once
     except BaseException as exc:
         return RESULT_NOT_SERIALIZABLE, pickle.dumps(_describe(exc)), elapsed
     if len(data) > limit:

@@ -407,8 +407,12 @@ class DaskPool:
         elif tag == _STOPPED:
             settle(job, error=WorkerCrashed("the task was stopped", task_id=job.task_id))
         else:
+            body, buffers = memoryview(answer), None
+            if tag & wire.OOB:  # from an isolated child: its big buffers follow inline
+                tag &= ~wire.OOB
+                body, buffers, _ = wire.decode_body(body, [])
             try:
-                result = decode_answer(tag, memoryview(answer), "dask", job.task_id)
+                result = decode_answer(tag, body, "dask", job.task_id, buffers)
             except BaseException as exc:
                 settle(job, error=exc, run=seconds)
             else:

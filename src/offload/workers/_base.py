@@ -24,7 +24,13 @@ class WorkerEvents(Protocol):
     """How a worker reports to its pool."""
 
     def on_answer(
-        self, worker: Worker, task_id: int, tag: int, payload: memoryview, seconds: float
+        self,
+        worker: Worker,
+        task_id: int,
+        tag: int,
+        payload: memoryview,
+        seconds: float,
+        buffers: list[Any] | None,
     ) -> None: ...
 
     def on_lost(self, worker: Worker) -> None: ...
@@ -57,6 +63,15 @@ class Worker(abc.ABC):
         self._next_wire_id = 0
         self._ready_future: asyncio.Future[dict[str, Any]] | None = None
         self._control_fd = -1
+        # Shared memory for big buffers (see _worker): two arenas towards the worker, with the
+        # wire id of the task whose buffers each holds, and one back, with how many answers
+        # in it were read (sent to the worker with every frame).
+        self.arena_fds: tuple[int, ...] = ()
+        self._to_worker: list[wire.Arena] = []
+        self._holder: list[int | None] = []
+        self._from_worker: wire.Arena | None = None
+        self._answers_read = 0
+        self._reading: tuple[list[Any], memoryview | None] | None = None
 
     @property
     @abc.abstractmethod
@@ -74,6 +89,8 @@ class Worker(abc.ABC):
         grow_pipe(to_worker_w)
         grow_pipe(from_worker_w)
         child_fds = (to_worker_r, from_worker_w, control_r)
+        self._open_arenas()
+        settings = {**settings, "arenas": self.arena_fds}
         self._ready_future = loop.create_future()
         self.connection = Connection(
             loop, to_worker_w, from_worker_r, self._on_frame, self._on_connection_lost
@@ -104,6 +121,24 @@ class Worker(abc.ABC):
             raise
         self.started_at = loop.time()
 
+    def _open_arenas(self) -> None:
+        fds = [wire.Arena.create() for _ in range(3)]
+        if None in fds:  # no memfd here: every buffer goes inline
+            for fd in fds:
+                if fd is not None:
+                    os.close(fd)
+            return
+        self.arena_fds = tuple(fd for fd in fds if fd is not None)
+        *to_worker, from_worker = (wire.Arena(fd) for fd in self.arena_fds)
+        self._to_worker, self._from_worker = to_worker, from_worker
+        self._holder = [None] * len(to_worker)
+
+    def _close_arenas(self) -> None:
+        for arena in (*self._to_worker, self._from_worker):
+            if arena is not None:
+                arena.close()
+        self._to_worker, self._from_worker, self._holder = [], None, []
+
     @abc.abstractmethod
     async def _launch(self, task_r: int, answer_w: int, control_r: int) -> None:
         """Start the process or interpreter on the worker's ends of the three pipes."""
@@ -126,10 +161,33 @@ class Worker(abc.ABC):
             self.events.recycle(self, f"resident memory {rss / 2**20:.0f} MiB over the ceiling")
             return
         if tag == wire.READY:
+            info = pickle.loads(payload)
+            if not info.get("arenas"):  # the worker could not map them
+                self._close_arenas()
             if self._ready_future is not None and not self._ready_future.done():
-                self._ready_future.set_result(pickle.loads(payload))
+                self._ready_future.set_result(info)
             return
-        self.events.on_answer(self, task_id, tag, payload, seconds)
+        # Any other frame answers task_id: the arena that held its buffers is free again.
+        for number, holder in enumerate(self._holder):
+            if holder == task_id:
+                self._holder[number] = None
+        buffers = None
+        if tag & wire.OOB:
+            tag &= ~wire.OOB
+            arenas = [self._from_worker] if self._from_worker is not None else []
+            payload, buffers, held = wire.decode_body(payload, arenas)
+            self._reading = (buffers, held)
+        self.events.on_answer(self, task_id, tag, payload, seconds, buffers)
+        self.answer_read()
+
+    def answer_read(self) -> None:
+        """The answer being handled is decoded: its arena may take the next one."""
+        if self._reading is None:
+            return
+        buffers, held = self._reading
+        self._reading = None
+        if wire.release(buffers, held) and held is not None:
+            self._answers_read += 1  # else never again: the worker then sends all inline
 
     def _on_connection_lost(self) -> None:
         self.close()  # the control pipe too: a worker still alive then exits (or its watcher)
@@ -151,7 +209,22 @@ class Worker(abc.ABC):
         job.wire_id = self._next_wire_id
         job.worker = self
         self.inflight.append(job)
-        self.connection.send(job.wire_id, wire.RUN, job.payload)
+        payload = job.payload
+        if isinstance(payload, wire.Payload):
+            number = self._free_arena()
+            arena = self._to_worker[number] if number is not None else None
+            if number is not None:
+                self._holder[number] = job.wire_id
+            body = payload.parts(arena, number or 0)
+            self.connection.send(job.wire_id, wire.RUN | wire.OOB, body, self._answers_read)
+        else:
+            self.connection.send(job.wire_id, wire.RUN, payload, self._answers_read)
+
+    def _free_arena(self) -> int | None:
+        for number, holder in enumerate(self._holder):
+            if holder is None:
+                return number
+        return None
 
     def cancel_waiting(self, job: Job) -> None:
         """Ask the worker to skip ``job``, sent but not started; it answers ``INTERRUPTED``.
@@ -191,6 +264,7 @@ class Worker(abc.ABC):
         self.retired = True
         if self.connection is not None:
             self.connection.close()
+        self._close_arenas()
         if self._control_fd >= 0:
             os.close(self._control_fd)
             self._control_fd = -1

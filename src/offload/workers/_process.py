@@ -44,7 +44,7 @@ class ProcessWorker(Worker):
         # Popen (fork+exec via vfork) takes about a millisecond: cheaper than a thread hop.
         self.process = subprocess.Popen(  # noqa: ASYNC220
             [sys.executable, "-P", _WORKER_SCRIPT, str(task_r), str(answer_w), str(control_r)],
-            pass_fds=(task_r, answer_w, control_r),
+            pass_fds=(task_r, answer_w, control_r, *self.arena_fds),
             stdin=subprocess.DEVNULL,
         )
         self._exited = _watch_exit(self.process)
