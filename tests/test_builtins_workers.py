@@ -157,6 +157,35 @@ async def test_typed_facade() -> None:
         assert await builtins.json_transform(wm, {"b": None, "a": 1}, "strip_nulls") == {"a": 1}
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "kind", ["process", pytest.param("interpreter", marks=requires_interpreters)]
+)
+async def test_a_transformer_registered_in_your_module_runs_on_fresh_workers(kind: str) -> None:
+    import json_transformers  # registers "test:shout" here; no task imports that module
+
+    async with manager(kind=kind, workers=1) as wm:
+        shouted = await run(
+            wm, "json:transform", {"document": '{"a": 1}', "transformer": "test:shout"}
+        )
+        assert shouted == {"A": 1}
+        assert await builtins.json_transform(wm, {"b": 2}, "test:shout") == {"B": 2}
+        # Names are still checked (here, before anything is queued), and code never travels
+        # from a request: an unknown name is refused whatever the worker has loaded.
+        with pytest.raises(InvalidInput, match="unknown json transformer"):
+            await run(wm, "json:transform", {"document": "{}", "transformer": "os.system"})
+        assert wm.stats().submitted == 2
+    assert json_transformers.shout({"x": 1}) == {"X": 1}
+
+
+@pytest.mark.asyncio
+async def test_a_transformer_that_workers_cannot_import_is_refused_clearly() -> None:
+    offload.tasks.json_transformer("test:local")(lambda doc: doc)
+    async with manager(kind="process", workers=1) as wm:
+        with pytest.raises(InvalidInput, match="module-level function"):
+            await run(wm, "json:transform", {"document": "{}", "transformer": "test:local"})
+
+
 @requires_interpreters
 @pytest.mark.asyncio
 async def test_interpreter_manager_routes_process_only_types_to_process_workers() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import random
@@ -9,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
-from .errors import InvalidTask, UnknownTask
+from .errors import InvalidInput, InvalidTask, UnknownTask
 
 __all__ = ("Priority", "PriorityLike", "RegisteredTask", "Retry", "Task", "registered", "task")
 
@@ -143,6 +144,9 @@ class RegisteredTask:
     why_not: str = ""  # why some kinds are excluded, shown in the routing error
     #: Narrows ``kinds`` for one task's ``data`` (e.g. one scheme needs a process).
     kinds_for: Callable[[Any], tuple[str, ...] | None] | None = None
+    #: Runs in the caller's process: turns ``data`` into the call the worker makes instead of
+    #: ``fn(data)`` (e.g. a name looked up in a registry here, sent by reference).
+    prepare: Callable[[Any], tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
 
     def kinds_of(self, data: Any) -> frozenset[str]:
         """The worker kinds that can run this type with this ``data``."""
@@ -201,6 +205,14 @@ def _ident(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}"
 
 
+def prepare_in_caller(
+    name: str, prepare: Callable[[Any], tuple[Callable[..., Any], tuple[Any, ...]]]
+) -> None:
+    """Give the registered type ``name`` a ``prepare`` step (see ``RegisteredTask``)."""
+    entry = _registry[name]
+    _registry[name] = dataclasses.replace(entry, prepare=prepare)
+
+
 def registered(name: str) -> RegisteredTask:
     """The registered type ``name``, or ``UnknownTask``."""
     if name not in _registry and not _builtins_loaded():
@@ -244,10 +256,12 @@ def task_from_dict(spec: Mapping[str, Any]) -> tuple[Task, RegisteredTask]:
         raise InvalidTask("a dict task needs a 'type' naming a registered task", task_id=task_id)
     try:
         entry = registered(name)
+        data = spec.get("data")
+        fn, args = entry.prepare(data) if entry.prepare is not None else (entry.fn, (data,))
         return (
             Task(
-                entry.fn,
-                args=(spec.get("data"),),
+                fn,
+                args=args,
                 priority=spec.get("priority", Priority.NORMAL),
                 timeout=spec.get("timeout"),
                 id=task_id,
@@ -255,6 +269,6 @@ def task_from_dict(spec: Mapping[str, Any]) -> tuple[Task, RegisteredTask]:
             ),
             entry,
         )
-    except (InvalidTask, UnknownTask) as exc:
+    except (InvalidTask, UnknownTask, InvalidInput) as exc:
         exc.task_id = task_id
         raise

@@ -1,9 +1,10 @@
 """The ``json:transform`` task and its registry of named transformers.
 
 Like task types, transformers are an allow-list: a request names one, it never supplies code.
-A transformer registered in your own module must be registered in the worker too, so put the
-``@json_transformer`` functions in a module your task code imports (workers import the
-modules of the functions they run, and ``offload`` itself, but not arbitrary modules).
+A ``json:transform`` dict task looks the name up in the caller's process and sends the
+transformer to the worker by reference (module and name, as pickle does), so a transformer
+registered in your own module works on every worker without further setup: register
+module-level functions.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final, TypeAlias, TypeVar
 
-from .._task import task
+from .._task import prepare_in_caller, task
 from ..errors import InvalidInput
 from ._common import unpack
 
@@ -80,6 +81,10 @@ def json_transform(document: JSONValue, transformer: str) -> JSONValue:
     refused); any other value is used as is. Invalid JSON or an unknown transformer is
     ``InvalidInput``.
     """
+    return _apply(document, transformer, _lookup(transformer))
+
+
+def _lookup(transformer: Any) -> Transformer:
     if not isinstance(transformer, str):
         raise InvalidInput(f"transformer must be a str, not {type(transformer).__name__}")
     fn = _transformers.get(transformer)
@@ -87,6 +92,11 @@ def json_transform(document: JSONValue, transformer: str) -> JSONValue:
         raise InvalidInput(
             f"unknown json transformer {transformer[:60]!r}; registered: {transformer_names()}"
         )
+    return fn
+
+
+def _apply(document: JSONValue, transformer: str, fn: Transformer) -> JSONValue:
+    """Run the transformer ``fn`` (registered as ``transformer``) on ``document``."""
     parsed = _parse(document)
     try:
         return fn(parsed)
@@ -249,3 +259,19 @@ def _walk(doc: JSONValue, on_object: Callable[[dict[str, JSONValue]], JSONValue]
 def _json_transform_task(data: Any) -> JSONValue:
     args = unpack(data, "json:transform", ("document", "transformer"))
     return json_transform(args["document"], args["transformer"])
+
+
+def _prepare_json_transform(data: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """In the caller: check the name here and send its transformer to the worker by reference."""
+    args = unpack(data, "json:transform", ("document", "transformer"))
+    name, fn = args["transformer"], _lookup(args["transformer"])
+    qualname = getattr(fn, "__qualname__", "")
+    if "<locals>" in qualname or "<lambda>" in qualname:
+        raise InvalidInput(
+            f"json transformer {name!r} is {qualname}: workers import transformers by "
+            "reference, so register a module-level function"
+        )
+    return _apply, (args["document"], name, fn)
+
+
+prepare_in_caller("json:transform", _prepare_json_transform)
