@@ -117,6 +117,7 @@ class Pool:
         self._starting: set[asyncio.Task[Any]] = set()  # new workers: cancelled on close
         self._reaping: set[asyncio.Task[Any]] = set()  # outcomes after exits: awaited on close
         self._retiring: set[Worker] = set()  # quarantined, killed or draining, not yet gone
+        self._launched: set[Worker] = set()  # every worker started and not yet known gone
         self._health: asyncio.Task[None] | None = None
         self._start_failures = 0
         self.closing = False
@@ -124,21 +125,25 @@ class Pool:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start every worker (and spare) at once; if one fails, stop the others and raise."""
+        """Start every worker at once (the spares after them, in the background); if one
+        fails, stop the others and raise."""
         results = await asyncio.gather(
             *(self._start_worker(spare=False) for _ in range(self.size)),
-            *(self._start_worker(spare=True) for _ in range(self._spare_count)),
             return_exceptions=True,
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await self.aclose(grace=0)
             raise errors[0]
+        for _ in range(self._spare_count):  # not on the caller's path: capacity is there
+            self._background_task(self._start_until_ready(spare=True), self._starting)
         if self._config.health_interval:
             self._health = asyncio.get_running_loop().create_task(self._check_health())
 
     async def _start_worker(self, *, spare: bool) -> Worker:
         worker = self._worker_class(self, next(self._numbers))
+        self._launched = {w for w in self._launched if not w.gone}
+        self._launched.add(worker)
         await worker.start(self._config.settings, self._config.start_timeout)
         if self.closing:
             worker.close()
@@ -215,6 +220,11 @@ class Pool:
         await asyncio.gather(*self._starting, *self._reaping, return_exceptions=True)
         if self._health is not None:
             await asyncio.gather(self._health, return_exceptions=True)
+        # A start cancelled at the wrong moment may leave its process unwaited: never leak one.
+        # (An interpreter cannot be killed; wait_closed above already waited what it could.)
+        stray = [w for w in self._launched if isinstance(w, ProcessWorker) and not w.gone]
+        await asyncio.gather(*(w.kill_and_wait() for w in stray))
+        self._launched.clear()
 
     # -- recycling and health --------------------------------------------------------------
 

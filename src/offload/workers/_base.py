@@ -269,6 +269,11 @@ class Worker(abc.ABC):
             os.close(self._control_fd)
             self._control_fd = -1
 
+    @property
+    @abc.abstractmethod
+    def gone(self) -> bool:
+        """The process or interpreter has ended and been waited for (or never started)."""
+
     @abc.abstractmethod
     async def wait_closed(self, timeout: float) -> None:
         """Wait for the worker to end after ``close``; force it after ``timeout`` if possible."""

@@ -75,6 +75,10 @@ class InterpreterWorker(Worker):
     def ident(self) -> str:
         return f"interpreter #{self.number}"
 
+    @property
+    def gone(self) -> bool:
+        return self._done is None or self._done.done()
+
     async def _launch(self, task_r: int, answer_w: int, control_r: int) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()

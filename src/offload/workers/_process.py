@@ -39,6 +39,10 @@ class ProcessWorker(Worker):
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
+    @property
+    def gone(self) -> bool:
+        return self._exited is None or self._exited.done()
+
     async def _launch(self, task_r: int, answer_w: int, control_r: int) -> None:
         # -P: the script's folder is not put on sys.path (it holds modules named like stdlib's)
         # Popen (fork+exec via vfork) takes about a millisecond: cheaper than a thread hop.
