@@ -56,6 +56,9 @@ class System:
     async def start(self) -> None:
         raise NotImplementedError
 
+    async def settle(self) -> None:
+        """Wait until start-up work left running in the background is done (steady state)."""
+
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         raise NotImplementedError
 
@@ -273,6 +276,12 @@ class _Offload(System):
             workers=WORKERS, kind=self.kind, max_queue=4096, shutdown_grace=5.0
         )
         await self.wm.__aenter__()
+
+    async def settle(self) -> None:
+        # The warm spare (process kind, one by default) starts in the background once the
+        # workers are ready.
+        while self.kind == "process" and self.wm.stats().spares < 1:
+            await asyncio.sleep(0.005)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await self.wm.run(fn, *args)

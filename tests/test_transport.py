@@ -199,3 +199,18 @@ async def test_a_worker_lost_with_buffers_in_its_arenas() -> None:
         assert hashlib.sha256(await wm.run(tasks.echo, data)).digest() == (
             hashlib.sha256(data).digest()
         )
+
+
+@pytest.mark.asyncio
+async def test_a_result_too_big_to_map_goes_inline() -> None:
+    # Under a 400 MiB address-space cap, a 250 MiB result fits, but mapping an arena of the same
+    # size next to it does not: the answer comes through the pipe instead.
+    size = 250 * 2**20
+    async with WorkerManager(workers=1, worker_memory_limit=400 * 2**20, spare_workers=0) as wm:
+        (pid,) = wm.worker_pids()
+        result = await wm.run(tasks.big, size)
+        assert len(result) == size
+        assert result[:1] == result[-1:] == b"x"
+        del result
+        assert wm.worker_pids() == [pid]  # the same worker, still serving
+        assert await wm.run(tasks.big, 2 * MIN) == b"x" * (2 * MIN)

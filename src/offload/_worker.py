@@ -607,7 +607,11 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
                 continue
             buffers, held = None, None
             if tag & OOB:
-                payload, buffers, held = decode_body(payload, inbound)
+                try:
+                    payload, buffers, held = decode_body(payload, inbound)
+                except (OSError, ValueError) as exc:  # e.g. no memory left to map the arena
+                    channel.send(task_id, LOAD_FAILED, _raised_payload(exc))
+                    continue
             tag, answer, seconds = _execute(
                 payload, max_payload, interrupter, task_id, buffers, out_of_band=True
             )
@@ -621,8 +625,12 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
                 if arena is None and outbound is not None:
                     channel.poll()  # the ack for the last one may be on its way
                     arena = outbound if channel.acked >= written else None
+                try:
+                    parts = answer.parts(arena, 0)
+                except (OSError, ValueError):  # the arena could not grow: inline then
+                    arena, parts = None, answer.parts(None, 0)
                 written += arena is not None
-                channel.send(task_id, tag | OOB, answer.parts(arena, 0), seconds)
+                channel.send(task_id, tag | OOB, parts, seconds)
             else:
                 channel.send(task_id, tag, answer, seconds)
             del answer

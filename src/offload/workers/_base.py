@@ -66,6 +66,7 @@ class Worker(abc.ABC):
         # Shared memory for big buffers (see _worker): two arenas towards the worker, with the
         # wire id of the task whose buffers each holds, and one back, with how many answers
         # in it were read (sent to the worker with every frame).
+        self.nice = 0  # the CPU priority it runs at (processes: from the start)
         self.arena_fds: tuple[int, ...] = ()
         self._to_worker: list[wire.Arena] = []
         self._holder: list[int | None] = []
@@ -91,6 +92,7 @@ class Worker(abc.ABC):
         child_fds = (to_worker_r, from_worker_w, control_r)
         self._open_arenas()
         settings = {**settings, "arenas": self.arena_fds}
+        self.nice = int(settings.get("nice") or 0)
         self._ready_future = loop.create_future()
         self.connection = Connection(
             loop, to_worker_w, from_worker_r, self._on_frame, self._on_connection_lost
@@ -175,8 +177,13 @@ class Worker(abc.ABC):
         if tag & wire.OOB:
             tag &= ~wire.OOB
             arenas = [self._from_worker] if self._from_worker is not None else []
-            payload, buffers, held = wire.decode_body(payload, arenas)
-            self._reading = (buffers, held)
+            try:
+                payload, buffers, held = wire.decode_body(payload, arenas)
+            except (OSError, ValueError) as exc:  # e.g. no memory left to map the arena
+                why = (type(exc).__name__, f"its buffers could not be mapped here: {exc}")
+                tag, payload = wire.RESULT_NOT_SERIALIZABLE, memoryview(pickle.dumps(why))
+            else:
+                self._reading = (buffers, held)
         self.events.on_answer(self, task_id, tag, payload, seconds, buffers)
         self.answer_read()
 
@@ -211,20 +218,23 @@ class Worker(abc.ABC):
         self.inflight.append(job)
         payload = job.payload
         if isinstance(payload, wire.Payload):
-            number = self._free_arena()
-            arena = self._to_worker[number] if number is not None else None
-            if number is not None:
-                self._holder[number] = job.wire_id
-            body = payload.parts(arena, number or 0)
-            self.connection.send(job.wire_id, wire.RUN | wire.OOB, body, self._answers_read)
+            self.connection.send(
+                job.wire_id, wire.RUN | wire.OOB, self._place(job, payload), self._answers_read
+            )
         else:
             self.connection.send(job.wire_id, wire.RUN, payload, self._answers_read)
 
-    def _free_arena(self) -> int | None:
+    def _place(self, job: Job, payload: wire.Payload) -> list[memoryview]:
+        """The frame body for ``payload``: its buffers in a free arena if any, else inline."""
         for number, holder in enumerate(self._holder):
             if holder is None:
-                return number
-        return None
+                try:
+                    body = payload.parts(self._to_worker[number], number)
+                except (OSError, ValueError):  # the arena could not grow (memory): inline
+                    break
+                self._holder[number] = job.wire_id
+                return body
+        return payload.parts(None, 0)
 
     def cancel_waiting(self, job: Job) -> None:
         """Ask the worker to skip ``job``, sent but not started; it answers ``INTERRUPTED``.

@@ -51,6 +51,9 @@ class ProcessWorker(Worker):
             pass_fds=(task_r, answer_w, control_r, *self.arena_fds),
             stdin=subprocess.DEVNULL,
         )
+        if self.nice:  # the whole process, start-up included: it never competes with the loop
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, self.process.pid, self.nice)
         self._exited = _watch_exit(self.process)
 
     def stop_running(self, job: Job) -> None:
