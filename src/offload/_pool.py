@@ -142,6 +142,7 @@ class Pool:
 
     async def _start_worker(self, *, spare: bool) -> Worker:
         worker = self._worker_class(self, next(self._numbers))
+        # (A worker being started elsewhere is not "gone": _launch spawns before any await.)
         self._launched = {w for w in self._launched if not w.gone}
         self._launched.add(worker)
         await worker.start(self._config.settings, self._config.start_timeout)

@@ -594,7 +594,7 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
         limit = int(settings["rlimit_as"])
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     inbound, outbound = _open_arenas(settings.get("arenas", ()))
-    written = 0  # answers put in the outbound arena
+    answers = _Answers(channel, outbound)
     interrupter = _Interrupter(ctl_fd, exit_on_eof=in_process, channel=channel)
     channel.send(0, READY, pickle.dumps({"pid": os.getpid(), "arenas": bool(inbound)}))
     try:
@@ -620,19 +620,7 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
                 release(buffers, held)  # the parent reuses that arena once it has the answer
             if interrupter.was_stolen(task_id):  # taken back while it was loading
                 continue
-            if isinstance(answer, Payload):
-                arena = outbound if outbound is not None and channel.acked >= written else None
-                if arena is None and outbound is not None:
-                    channel.poll()  # the ack for the last one may be on its way
-                    arena = outbound if channel.acked >= written else None
-                try:
-                    parts = answer.parts(arena, 0)
-                except (OSError, ValueError):  # the arena could not grow: inline then
-                    arena, parts = None, answer.parts(None, 0)
-                written += arena is not None
-                channel.send(task_id, tag | OOB, parts, seconds)
-            else:
-                channel.send(task_id, tag, answer, seconds)
+            answers.send(task_id, tag, answer, seconds)
             del answer
             if max_rss is not None and (rss := _resident_bytes()) > max_rss:
                 channel.send(0, RECYCLE, pickle.dumps(rss))
@@ -643,6 +631,34 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
         # In a subinterpreter, the host thread closes the pipes after this returns (or raises);
         # the parent then closes the control pipe, and join_watcher() can finish.
         _watchers.append(interrupter.thread)
+
+
+class _Answers:
+    """Sends answers; a big result's buffers go to the outbound arena once it is free."""
+
+    def __init__(self, channel: _Channel, arena: Arena | None) -> None:
+        self.channel = channel
+        self.arena = arena
+        self.written = 0  # answers put in the arena (the parent acks each once it read it)
+
+    def send(self, task_id: int, tag: int, answer: bytes | Payload, seconds: float) -> None:
+        if not isinstance(answer, Payload):
+            self.channel.send(task_id, tag, answer, seconds)
+            return
+        arena = self.arena if self._arena_free() else None
+        try:
+            parts = answer.parts(arena, 0)
+        except (OSError, ValueError):  # the arena could not grow (memory): inline then
+            arena, parts = None, answer.parts(None, 0)
+        self.written += arena is not None
+        self.channel.send(task_id, tag | OOB, parts, seconds)
+
+    def _arena_free(self) -> bool:
+        if self.arena is None:
+            return False
+        if self.channel.acked < self.written:
+            self.channel.poll()  # the ack for the last one may be on its way
+        return self.channel.acked >= self.written
 
 
 def _open_arenas(fds: Any) -> tuple[list[Arena], Arena | None]:
