@@ -214,3 +214,71 @@ async def test_a_result_too_big_to_map_goes_inline() -> None:
         del result
         assert wm.worker_pids() == [pid]  # the same worker, still serving
         assert await wm.run(tasks.big, 2 * MIN) == b"x" * (2 * MIN)
+
+
+# -- found in review -----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_small_views_beside_big_buffers_keep_their_places(wm: WorkerManager) -> None:
+    # A small memoryview stays in the pickle (it needs the slower pickler): the big buffers
+    # around it must still line up with their places.
+    a, b, c = (bytes([n]) * (MIN + n) for n in (1, 2, 3))
+    back = await wm.run(tasks.echo, (a, b, memoryview(b"small"), c, bytearray(a)))
+    assert (back[0], back[1], bytes(back[2]), back[3], back[4]) == (a, b, b"small", c, a)
+
+
+@pytest.mark.asyncio
+async def test_one_buffer_in_many_places_travels_once(wm: WorkerManager) -> None:
+    chunk = os.urandom(2**20)
+    assert len(wire.encode(([chunk] * 300,), depth=3)) < 2 * len(chunk)
+    assert await wm.run(len, [chunk] * 300) == 300  # 300 MiB if each were sent: over max_payload
+    data = bytearray(2 * MIN)
+    first, second = await wm.run(tasks.echo, (data, data))
+    assert first is second  # still one object, as pickle shares it
+    assert first == data
+
+
+@pytest.mark.asyncio
+async def test_a_read_only_view_of_changing_memory_is_sent_as_it_was(
+    wm: WorkerManager, tmp_path: Path
+) -> None:
+    gates = [tmp_path / "gate1", tmp_path / "gate2"]
+    for gate in gates:
+        os.mkfifo(gate)
+    blockers = [asyncio.create_task(wm.run(tasks.wait_for_fifo, str(g))) for g in gates]
+    data = bytearray(b"a" * (2 * MIN))
+    call = asyncio.create_task(wm.run(tasks.checksum, memoryview(data).toreadonly()))
+    await asyncio.sleep(0)  # accepted, waiting behind the blockers
+    data[:] = b"b" * len(data)  # (the view itself, an argument, pins its size till the end)
+    await asyncio.gather(*(asyncio.to_thread(release, gate) for gate in gates))
+    await asyncio.gather(*blockers)
+    assert await call == tasks.checksum(memoryview(b"a" * (2 * MIN)))
+
+
+@pytest.mark.asyncio
+async def test_a_task_taken_back_frees_its_arena(tmp_path: Path) -> None:
+    # White-box: which arena holds what is private, and only speed shows it from outside.
+    async with WorkerManager(workers=2, shutdown_grace=10) as wm:
+        pool = wm._pools["process"]  # type: ignore[attr-defined]
+        for round_ in range(3):
+            blocked: dict[Any, Path] = {}  # worker -> the FIFO its task waits on
+            blockers = []
+            for n in range(2):
+                gate = tmp_path / f"gate-{round_}-{n}"
+                os.mkfifo(gate)
+                blockers.append(asyncio.create_task(wm.run(tasks.wait_for_fifo, str(gate))))
+                while len(blocked) <= n:  # until a worker holds it
+                    await asyncio.sleep(0.005)
+                    blocked |= {w: gate for w in pool.workers if w.inflight and w not in blocked}
+            big = asyncio.create_task(wm.run(tasks.checksum, b"z" * (2 * MIN)))
+            await asyncio.sleep(0)  # handed off behind one of the blocked tasks
+            (holder,) = [w for w in pool.workers if len(w.inflight) == 2]
+            assert any(h is not None for h in holder._holder)  # its buffer is in an arena
+            other = next(w for w in pool.workers if w is not holder)
+            await asyncio.to_thread(release, blocked[other])  # taken back, runs there
+            assert await big == tasks.checksum(b"z" * (2 * MIN))
+            await asyncio.to_thread(release, blocked[holder])
+            await asyncio.gather(*blockers)
+            assert all(h is None for w in pool.workers for h in w._holder)
+        assert wm.stats().worker_restarts == 0

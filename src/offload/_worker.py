@@ -123,12 +123,16 @@ def _reduce_memoryview(view: memoryview) -> tuple[type[memoryview], tuple[bytes]
 _DISPATCH = {memoryview: _reduce_memoryview}
 
 
-def dumps(obj: Any, buffer_callback: Any = None) -> bytes:
+def dumps(obj: Any) -> bytes:
     """Pickle ``obj`` (protocol 5); memoryviews travel as views of bytes."""
     try:  # (not contextlib.suppress: on every call, it would cost as much as the pickling)
-        return pickle.dumps(obj, PICKLE_PROTOCOL, buffer_callback=buffer_callback)
+        return pickle.dumps(obj, PICKLE_PROTOCOL)
     except TypeError:  # e.g. a memoryview: again below, with the table
         pass
+    return _dumps_with_views(obj)
+
+
+def _dumps_with_views(obj: Any, buffer_callback: Any = None) -> bytes:
     out = io.BytesIO()
     pickler = pickle.Pickler(out, PICKLE_PROTOCOL, buffer_callback=buffer_callback)
     pickler.dispatch_table = _DISPATCH  # type: ignore[assignment]
@@ -163,47 +167,8 @@ _BUFFER_OR_CONTAINER = frozenset({bytes, bytearray, memoryview, tuple, list, dic
 
 
 def may_hold_buffers(values: Any) -> bool:
-    """Whether any of ``values`` is a buffer or a container (a quick check before ``_lift``)."""
+    """Whether any of ``values`` is a buffer or a container (a quick check before encoding)."""
     return not _BUFFER_OR_CONTAINER.isdisjoint(map(type, values))
-
-
-def _lift(obj: Any, ours: set[int], snapshot: bool, depth: int) -> Any:
-    """``obj`` with its big buffers (at most ``depth`` containers deep) swapped for _Lifted.
-
-    On the path of every call: it allocates nothing unless it finds a big buffer.
-    """
-    kind = type(obj)
-    if kind is bytes or kind is bytearray or kind is memoryview:
-        if (obj.nbytes if kind is memoryview else len(obj)) < SHARED_MIN or (
-            kind is memoryview and not obj.c_contiguous
-        ):
-            return obj
-        if snapshot and (kind is bytearray or (kind is memoryview and not obj.readonly)):
-            obj = bytes(obj)  # mutable: the call gets its value at the time of the call
-        buffer = pickle.PickleBuffer(obj)
-        ours.add(id(buffer))
-        return _Lifted(kind, buffer)
-    if not depth:
-        return obj
-    if kind is tuple or kind is list:
-        changed: list[Any] | None = None
-        for index, item in enumerate(obj):
-            lifted = _lift(item, ours, snapshot, depth - 1)
-            if lifted is not item:
-                if changed is None:
-                    changed = list(obj)
-                changed[index] = lifted
-        return obj if changed is None else kind(changed)
-    if kind is dict:
-        swapped: dict[Any, Any] | None = None
-        for key, value in obj.items():
-            lifted = _lift(value, ours, snapshot, depth - 1)
-            if lifted is not value:
-                if swapped is None:
-                    swapped = dict(obj)
-                swapped[key] = lifted
-        return obj if swapped is None else swapped
-    return obj
 
 
 class Payload:
@@ -249,27 +214,105 @@ def encode(
 
     Bytes, bytearrays and memoryviews are found up to ``depth`` containers (tuple, list, dict)
     deep (0: not looked for); other objects' ``PickleBuffer``s anywhere. ``snapshot``: copy
-    mutable buffers now (a caller may change them before they are sent).
+    what may change now (a caller may change it before it is sent).
     """
     if not out_of_band:
         return dumps(obj)
-    ours: set[int] = set()
-    buffers: list[memoryview] = []
-    lendable = bytearray()
+    return _Encoder(snapshot).encode(obj, depth)
 
-    def keep(buffer: pickle.PickleBuffer) -> bool:
+
+class _Encoder:
+    """One ``encode`` call: finds big buffers, and collects what the pickler leaves out."""
+
+    __slots__ = ("buffers", "lendable", "lifted", "ours", "snapshot")
+
+    def __init__(self, snapshot: bool) -> None:
+        self.snapshot = snapshot
+        self.lifted: dict[int, _Lifted] = {}  # id of a buffer object -> its one stand-in
+        self.ours: set[int] = set()  # ids of the PickleBuffers made by _Lifted
+        self.buffers: list[memoryview] = []
+        self.lendable = bytearray()
+
+    def encode(self, obj: Any, depth: int) -> bytes | Payload:
+        if depth:
+            obj = self.lift(obj, depth)
+        try:
+            data = pickle.dumps(obj, PICKLE_PROTOCOL, buffer_callback=self.keep)
+        except TypeError:  # e.g. a small memoryview left in: again, with the table
+            self.buffers.clear()
+            self.lendable.clear()
+            data = _dumps_with_views(obj, self.keep)
+        if not self.buffers:
+            return data
+        return Payload(data, self.buffers, bytes(self.lendable))
+
+    def lift(self, obj: Any, depth: int) -> Any:
+        """``obj`` with its big buffers (``depth`` containers deep) swapped for _Lifted.
+
+        On the path of every call: it allocates nothing unless it finds a big buffer. The
+        same buffer object gets the same stand-in, so the pickle still shares it.
+        """
+        kind = type(obj)
+        if kind is bytes or kind is bytearray or kind is memoryview:
+            return self._lift_buffer(obj, kind)
+        if not depth:
+            return obj
+        if kind is tuple or kind is list:
+            changed: list[Any] | None = None
+            for index, item in enumerate(obj):
+                lifted = self.lift(item, depth - 1)
+                if lifted is not item:
+                    if changed is None:
+                        changed = list(obj)
+                    changed[index] = lifted
+            return obj if changed is None else kind(changed)
+        if kind is dict:
+            swapped: dict[Any, Any] | None = None
+            for key, value in obj.items():
+                lifted = self.lift(value, depth - 1)
+                if lifted is not value:
+                    if swapped is None:
+                        swapped = dict(obj)
+                    swapped[key] = lifted
+            return obj if swapped is None else swapped
+        return obj
+
+    def _lift_buffer(self, obj: Any, kind: type) -> Any:
+        if (obj.nbytes if kind is memoryview else len(obj)) < SHARED_MIN:
+            return obj
+        if kind is memoryview and not obj.c_contiguous:
+            return obj
+        stand_in = self.lifted.get(id(obj))
+        if stand_in is None:
+            data = obj
+            if self.snapshot and not _immutable(obj):
+                data = bytes(obj)  # the call gets the value it had when it was made
+            buffer = pickle.PickleBuffer(data)
+            self.ours.add(id(buffer))
+            stand_in = self.lifted[id(obj)] = _Lifted(kind, buffer)
+        return stand_in
+
+    def keep(self, buffer: pickle.PickleBuffer) -> bool:
+        """The pickler's buffer callback: ``False`` (out of band) for a big one."""
         try:
             raw = buffer.raw()
         except BufferError:  # not contiguous: in band
             return True
         if raw.nbytes < SHARED_MIN:
             return True
-        buffers.append(memoryview(bytes(raw)) if snapshot and not raw.readonly else raw)
-        lendable.append(id(buffer) in ours)
+        ours = id(buffer) in self.ours
+        if self.snapshot and not ours and not _immutable(raw):
+            raw = memoryview(bytes(raw))
+        self.buffers.append(raw)
+        self.lendable.append(ours)
         return False
 
-    data = dumps(_lift(obj, ours, snapshot, depth) if depth else obj, keep)
-    return Payload(data, buffers, bytes(lendable)) if buffers else data
+
+def _immutable(buffer: bytes | bytearray | memoryview) -> bool:
+    """Whether no one can change these bytes: a ``bytes``, or a view of one."""
+    if type(buffer) is bytes:
+        return True
+    return type(buffer) is memoryview and type(buffer.obj) is bytes
 
 
 def _aligned(offset: int) -> int:
@@ -531,6 +574,15 @@ class _Interrupter:
             self.completed = max(self.completed, task_id)
             return True
 
+    def claim(self, task_id: int) -> bool:
+        """Whether ``task_id`` is still ours to answer; from now on it can't be taken back."""
+        with self.lock:
+            self.completed = max(self.completed, task_id)
+            if task_id not in self.stolen:
+                return True
+            self.stolen.discard(task_id)
+            return False
+
     def begin(self, task_id: int) -> None:
         """``task_id`` runs now (its call is loaded), unless it was stopped already."""
         with self.lock:
@@ -609,8 +661,9 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
             if tag & OOB:
                 try:
                     payload, buffers, held = decode_body(payload, inbound)
-                except (OSError, ValueError) as exc:  # e.g. no memory left to map the arena
-                    channel.send(task_id, LOAD_FAILED, _raised_payload(exc))
+                except Exception as exc:  # e.g. no memory left to map the arena
+                    if interrupter.claim(task_id):
+                        channel.send(task_id, LOAD_FAILED, _raised_payload(exc))
                     continue
             tag, answer, seconds = _execute(
                 payload, max_payload, interrupter, task_id, buffers, out_of_band=True
@@ -618,7 +671,7 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
             del payload
             if buffers is not None:
                 release(buffers, held)  # the parent reuses that arena once it has the answer
-            if interrupter.was_stolen(task_id):  # taken back while it was loading
+            if not interrupter.claim(task_id):  # taken back while it was loading
                 continue
             answers.send(task_id, tag, answer, seconds)
             del answer

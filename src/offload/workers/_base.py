@@ -102,6 +102,7 @@ class Worker(abc.ABC):
             await self._launch(*child_fds)
         except BaseException:
             self.connection.close()
+            self._close_arenas()
             os.close(control_w)
             self._control_fd = -1
             raise
@@ -156,6 +157,9 @@ class Worker(abc.ABC):
                 self.ping_sent = None
             return
         if tag == wire.STOLEN:
+            # Its arena is free too. The worker may still be loading the task from it, but
+            # a task given back never runs and is never answered, so what it reads is moot.
+            self._free_arena_of(task_id)
             self.events.on_stolen(self, task_id)
             return
         if tag == wire.RECYCLE:
@@ -170,22 +174,25 @@ class Worker(abc.ABC):
                 self._ready_future.set_result(info)
             return
         # Any other frame answers task_id: the arena that held its buffers is free again.
-        for number, holder in enumerate(self._holder):
-            if holder == task_id:
-                self._holder[number] = None
+        self._free_arena_of(task_id)
         buffers = None
         if tag & wire.OOB:
             tag &= ~wire.OOB
             arenas = [self._from_worker] if self._from_worker is not None else []
             try:
                 payload, buffers, held = wire.decode_body(payload, arenas)
-            except (OSError, ValueError) as exc:  # e.g. no memory left to map the arena
+            except Exception as exc:  # e.g. no memory to map the arena: the task must hear
                 why = (type(exc).__name__, f"its buffers could not be mapped here: {exc}")
                 tag, payload = wire.RESULT_NOT_SERIALIZABLE, memoryview(pickle.dumps(why))
             else:
                 self._reading = (buffers, held)
         self.events.on_answer(self, task_id, tag, payload, seconds, buffers)
         self.answer_read()
+
+    def _free_arena_of(self, task_id: int) -> None:
+        for number, holder in enumerate(self._holder):
+            if holder == task_id:
+                self._holder[number] = None
 
     def answer_read(self) -> None:
         """The answer being handled is decoded: its arena may take the next one."""
