@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 import tasks
+from conftest import release
 from offload import (
     NotSerializable,
     PoisonTask,
@@ -235,3 +236,33 @@ async def test_a_killed_spare_is_replaced_by_a_spare() -> None:
             lambda: len({p.pid for p in psutil.Process().children()} - others - {spare}) == 3
         )
         assert wm.stats().workers == 2
+
+
+async def test_the_task_behind_one_stopped_by_a_kill_is_not_blamed(tmp_path: Path) -> None:
+    # White-box, to pin a race: the stopped task answers just before the kill lands, so the
+    # task behind it is at the front (and may have begun) when the worker dies. It did
+    # nothing wrong: it runs again elsewhere rather than failing with WORKER_CRASHED.
+    import select
+
+    gates = [tmp_path / "first", tmp_path / "behind"]
+    for gate in gates:
+        os.mkfifo(gate)
+    async with manager(spare_workers=0) as wm:
+        pool = wm._pools["process"]  # type: ignore[attr-defined]
+        first = asyncio.create_task(wm.run(tasks.wait_for_fifo, str(gates[0])))
+        behind = asyncio.create_task(wm.run(tasks.wait_for_fifo, str(gates[1])))
+        (worker,) = pool.workers
+        await until(lambda: len(worker.inflight) == 2)
+        job = worker.inflight[0]
+        with open(gates[0], "w") as gate:  # noqa: ASYNC230  (the loop must not run yet)
+            gate.write("go\n")
+        ready, _, _ = select.select([worker.connection._receive_fd], [], [], 10)
+        assert ready  # the first task's answer is in the pipe, unread
+        pool.stop(job, "cancelled")  # what a cancellation does: the worker is killed
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await until(lambda: wm.stats().worker_restarts == 1)
+        await asyncio.to_thread(release, gates[1])  # the task behind runs on the replacement
+        assert await behind == "go"
+        assert wm.stats().crashed == 0

@@ -282,3 +282,18 @@ async def test_a_task_taken_back_frees_its_arena(tmp_path: Path) -> None:
             await asyncio.gather(*blockers)
             assert all(h is None for w in pool.workers for h in w._holder)
         assert wm.stats().worker_restarts == 0
+
+
+@pytest.mark.asyncio
+async def test_containers_shared_or_holding_themselves_keep_their_shape(
+    wm: WorkerManager,
+) -> None:
+    inner = [os.urandom(2 * MIN)]
+    first, second = await wm.run(tasks.echo, (inner, inner))
+    assert first is second  # one list, as pickle shares it
+    assert first == inner
+    loop: list[Any] = [os.urandom(2 * MIN)]
+    loop.append(loop)
+    back = await wm.run(tasks.echo, loop)
+    assert back[1] is back  # the cycle survives (its buffer then stays in the pickle)
+    assert back[0] == loop[0]

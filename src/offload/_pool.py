@@ -355,9 +355,13 @@ class Pool:
         for job in worker.inflight:
             if job.wire_id == task_id:
                 worker.inflight.remove(job)
-                if job.state is JobState.SENT:
-                    self._requeue([job])
-                    self.pump()
+                if job.state is not JobState.SENT:
+                    return
+                if job.stopping is not None:  # stopped meanwhile: it runs nowhere now
+                    self._settle_stopped(job, job.stopping)
+                    return
+                self._requeue([job])
+                self.pump()
                 return
 
     def _worker_with_room(self) -> Worker | None:
@@ -385,6 +389,7 @@ class Pool:
             return
         if worker.inflight and worker.inflight[0] is job:
             job.stopping = reason
+            worker.killed_to_stop = isinstance(worker, ProcessWorker)
             worker.stop_running(job)
             if isinstance(worker, InterpreterWorker):
                 # The caller hears at once; the interrupt should stop the call soon after.
@@ -501,6 +506,12 @@ class Pool:
             return
         if running.stopping is not None:
             self._settle_stopped(running, running.stopping)
+            return
+        if worker.killed_to_stop:
+            # Killed to stop the job before it, which answered just before the kill landed:
+            # this one did nothing wrong (it may have begun), so it runs again elsewhere.
+            self._requeue([running])
+            self.pump()
             return
         self._ledger.settle(
             running,

@@ -221,21 +221,30 @@ def encode(
     return _Encoder(snapshot).encode(obj, depth)
 
 
+class _Cycle(Exception):
+    """A container holds itself: its big buffers stay in the pickle (which keeps the cycle)."""
+
+
 class _Encoder:
     """One ``encode`` call: finds big buffers, and collects what the pickler leaves out."""
 
-    __slots__ = ("buffers", "lendable", "lifted", "ours", "snapshot")
+    __slots__ = ("buffers", "lendable", "open", "ours", "snapshot", "swapped")
 
     def __init__(self, snapshot: bool) -> None:
         self.snapshot = snapshot
-        self.lifted: dict[int, _Lifted] = {}  # id of a buffer object -> its one stand-in
+        self.swapped: dict[int, Any] = {}  # id of an object -> what stands in for it
+        self.open: set[int] = set()  # ids of the containers being walked
         self.ours: set[int] = set()  # ids of the PickleBuffers made by _Lifted
         self.buffers: list[memoryview] = []
         self.lendable = bytearray()
 
     def encode(self, obj: Any, depth: int) -> bytes | Payload:
         if depth:
-            obj = self.lift(obj, depth)
+            try:
+                obj = self.lift(obj, depth)
+            except _Cycle:  # (its stand-ins are dropped: their ids may be reused now)
+                self.swapped.clear()
+                self.ours.clear()
         try:
             data = pickle.dumps(obj, PICKLE_PROTOCOL, buffer_callback=self.keep)
         except TypeError:  # e.g. a small memoryview left in: again, with the table
@@ -249,15 +258,32 @@ class _Encoder:
     def lift(self, obj: Any, depth: int) -> Any:
         """``obj`` with its big buffers (``depth`` containers deep) swapped for _Lifted.
 
-        On the path of every call: it allocates nothing unless it finds a big buffer. The
-        same buffer object gets the same stand-in, so the pickle still shares it.
+        On the path of every call: it allocates nothing unless it finds a big buffer. One
+        object found twice gets one stand-in, so the pickle still shares it.
         """
         kind = type(obj)
         if kind is bytes or kind is bytearray or kind is memoryview:
             return self._lift_buffer(obj, kind)
+        if not (kind is tuple or kind is list or kind is dict):
+            return obj
+        key = id(obj)
+        if key in self.swapped:
+            return self.swapped[key]
+        if key in self.open:  # (even past ``depth``: a copy would break the cycle)
+            raise _Cycle
         if not depth:
             return obj
-        if kind is tuple or kind is list:
+        self.open.add(key)
+        if kind is dict:
+            swapped: dict[Any, Any] | None = None
+            for name, value in obj.items():
+                lifted = self.lift(value, depth - 1)
+                if lifted is not value:
+                    if swapped is None:
+                        swapped = dict(obj)
+                    swapped[name] = lifted
+            new: Any = swapped
+        else:
             changed: list[Any] | None = None
             for index, item in enumerate(obj):
                 lifted = self.lift(item, depth - 1)
@@ -265,31 +291,26 @@ class _Encoder:
                     if changed is None:
                         changed = list(obj)
                     changed[index] = lifted
-            return obj if changed is None else kind(changed)
-        if kind is dict:
-            swapped: dict[Any, Any] | None = None
-            for key, value in obj.items():
-                lifted = self.lift(value, depth - 1)
-                if lifted is not value:
-                    if swapped is None:
-                        swapped = dict(obj)
-                    swapped[key] = lifted
-            return obj if swapped is None else swapped
-        return obj
+            new = None if changed is None else kind(changed)
+        self.open.discard(key)
+        if new is None:
+            return obj
+        self.swapped[key] = new
+        return new
 
     def _lift_buffer(self, obj: Any, kind: type) -> Any:
         if (obj.nbytes if kind is memoryview else len(obj)) < SHARED_MIN:
             return obj
         if kind is memoryview and not obj.c_contiguous:
             return obj
-        stand_in = self.lifted.get(id(obj))
+        stand_in = self.swapped.get(id(obj))
         if stand_in is None:
             data = obj
             if self.snapshot and not _immutable(obj):
                 data = bytes(obj)  # the call gets the value it had when it was made
             buffer = pickle.PickleBuffer(data)
             self.ours.add(id(buffer))
-            stand_in = self.lifted[id(obj)] = _Lifted(kind, buffer)
+            stand_in = self.swapped[id(obj)] = _Lifted(kind, buffer)
         return stand_in
 
     def keep(self, buffer: pickle.PickleBuffer) -> bool:
@@ -558,24 +579,32 @@ class _Interrupter:
                     self.early.add(task_id)
 
     def _give_back(self, task_id: int) -> None:
-        """The parent wants a waiting task back (a worker fell idle): yes if it has not begun."""
+        """The parent wants a waiting task back (a worker fell idle): yes if it has not begun.
+
+        A task being loaded is given back too, but the loader says ``STOLEN`` once it has let
+        go of the task's arena (the parent reuses it on hearing ``STOLEN``).
+        """
         with self.lock:
             if task_id <= self.completed or self.running == task_id:
                 return  # too late: it runs or ran here, and its answer comes as usual
             self.stolen.add(task_id)
+            if self.last_started == task_id:
+                return
         self.channel.send(task_id, STOLEN)
 
-    def was_stolen(self, task_id: int) -> bool:
-        """Whether ``task_id`` was given back (then it is not run, or its answer not sent)."""
+    def start_loading(self, task_id: int) -> bool:
+        """``task_id`` is about to be loaded here, unless it was given back already."""
         with self.lock:
-            if task_id not in self.stolen:
+            if task_id in self.stolen:
+                self.stolen.discard(task_id)
+                self.completed = max(self.completed, task_id)
                 return False
-            self.stolen.discard(task_id)
-            self.completed = max(self.completed, task_id)
+            self.last_started = task_id
             return True
 
     def claim(self, task_id: int) -> bool:
-        """Whether ``task_id`` is still ours to answer; from now on it can't be taken back."""
+        """Whether ``task_id`` (loaded, run or failed) is still ours to answer; from now on it
+        cannot be taken back. ``False``: it was given back while loading; say ``STOLEN``."""
         with self.lock:
             self.completed = max(self.completed, task_id)
             if task_id not in self.stolen:
@@ -645,35 +674,28 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
 
         limit = int(settings["rlimit_as"])
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    inbound, outbound = _open_arenas(settings.get("arenas", ()))
-    answers = _Answers(channel, outbound)
     interrupter = _Interrupter(ctl_fd, exit_on_eof=in_process, channel=channel)
-    channel.send(0, READY, pickle.dumps({"pid": os.getpid(), "arenas": bool(inbound)}))
+    inbound: list[Arena] = []
+    outbound: Arena | None = None
     try:
+        inbound, outbound = _open_arenas(settings.get("arenas", ()))
+        answers = _Answers(channel, outbound)
+        channel.send(0, READY, pickle.dumps({"pid": os.getpid(), "arenas": bool(inbound)}))
         while True:
             frame = channel.receive()
             if frame is None or (stop is not None and stop[0]):
                 return
             task_id, tag, payload = frame
-            if interrupter.was_stolen(task_id):
+            if not interrupter.start_loading(task_id):  # given back before it began
                 continue
-            buffers, held = None, None
-            if tag & OOB:
-                try:
-                    payload, buffers, held = decode_body(payload, inbound)
-                except Exception as exc:  # e.g. no memory left to map the arena
-                    if interrupter.claim(task_id):
-                        channel.send(task_id, LOAD_FAILED, _raised_payload(exc))
-                    continue
-            tag, answer, seconds = _execute(
-                payload, max_payload, interrupter, task_id, buffers, out_of_band=True
+            tag, answer, seconds = _run_frame(
+                tag, payload, inbound, max_payload, interrupter, task_id
             )
             del payload
-            if buffers is not None:
-                release(buffers, held)  # the parent reuses that arena once it has the answer
-            if not interrupter.claim(task_id):  # taken back while it was loading
-                continue
-            answers.send(task_id, tag, answer, seconds)
+            if interrupter.claim(task_id):
+                answers.send(task_id, tag, answer, seconds)
+            else:  # given back while it was loading
+                channel.send(task_id, STOLEN)
             del answer
             if max_rss is not None and (rss := _resident_bytes()) > max_rss:
                 channel.send(0, RECYCLE, pickle.dumps(rss))
@@ -684,6 +706,27 @@ def serve(rfd: int, wfd: int, ctl_fd: int, *, in_process: bool, stop_flag: Any =
         # In a subinterpreter, the host thread closes the pipes after this returns (or raises);
         # the parent then closes the control pipe, and join_watcher() can finish.
         _watchers.append(interrupter.thread)
+
+
+def _run_frame(
+    tag: int,
+    payload: memoryview,
+    arenas: list[Arena],
+    limit: int,
+    interrupter: _Interrupter,
+    task_id: int,
+) -> tuple[int, bytes | Payload, float]:
+    """Load and run one RUN frame's call (its buffers from ``arenas`` or inline): the answer."""
+    if not tag & OOB:
+        return _execute(payload, limit, interrupter, task_id, out_of_band=True)
+    try:
+        data, buffers, held = decode_body(payload, arenas)
+    except Exception as exc:  # e.g. no memory left to map the arena
+        return LOAD_FAILED, _raised_payload(exc), 0.0
+    try:
+        return _execute(data, limit, interrupter, task_id, buffers, out_of_band=True)
+    finally:
+        release(buffers, held)  # the parent reuses the arena once it hears about this task
 
 
 class _Answers:

@@ -56,6 +56,7 @@ class Worker(abc.ABC):
         self.connection: Connection | None = None
         self.retired = False  # no longer takes work (being replaced, stopped or gone)
         self.draining = False  # being recycled: finishes what it holds, then exits
+        self.killed_to_stop = False  # killed by the pool to stop its running job
         self.tasks_done = 0
         self.started_at = 0.0  # loop time when it became ready
         self.ping_sent: float | None = None  # loop time of the unanswered health ping
