@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from .. import _worker as wire
@@ -100,10 +101,9 @@ class InterpreterWorker(Worker):
     def _host(self, boot: str, fds: tuple[int, int, int]) -> None:
         import _interpreters
 
-        try:
-            interp = _interpreters.create("isolated")
-        except Exception as exc:
-            self.failure = f"could not create a subinterpreter: {exc}"
+        interp = _create_interpreter()
+        if isinstance(interp, Exception):
+            self.failure = f"could not create a subinterpreter: {_describe_failure(interp)}"
             _close_all(fds)
             return
         self.interpreter_id = interp
@@ -160,6 +160,35 @@ class InterpreterWorker(Worker):
 
     def exit_note(self) -> str:
         return f" ({self.failure.strip().splitlines()[-1]})" if self.failure else ""
+
+
+def _create_interpreter(attempts: int = 3) -> int | Exception:
+    """A new isolated subinterpreter's id, or why none could be made.
+
+    CPython 3.13 occasionally fails a creation made while other threads create or destroy
+    interpreters ("interpreter creation failed", seen in its own test suite too); a retry
+    a moment later succeeds, so a transient failure does not fail a worker start.
+    """
+    import _interpreters
+
+    failure: Exception = RuntimeError("no attempt made")
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(0.05 * attempt)
+        try:
+            return int(_interpreters.create("isolated"))
+        except Exception as exc:
+            failure = exc
+    return failure
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """``exc`` and what it was raised from (CPython chains the real reason)."""
+    reasons = [f"{exc}"]
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None:
+        reasons.append(f"{type(cause).__name__}: {cause}")
+    return "; ".join(reasons)
 
 
 def _close_all(fds: tuple[int, ...]) -> None:
