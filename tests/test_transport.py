@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import os
 import pickle
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,22 +137,35 @@ async def test_pipelined_big_calls_keep_their_own_data(wm: WorkerManager) -> Non
     assert results == values
 
 
-@pytest.mark.asyncio
-async def test_a_buffer_changed_after_the_call_is_sent_as_it_was(
-    wm: WorkerManager, tmp_path: Path
-) -> None:
+async def checksum_sent_while_waiting(
+    wm: WorkerManager, tmp_path: Path, arg: Any, change: Callable[[], None]
+) -> Any:
+    """``checksum(arg)``, accepted behind a blocked task on each worker; ``change()`` runs while
+    it waits, then the blockers are let go."""
     gates = [tmp_path / "gate1", tmp_path / "gate2"]
     for gate in gates:
         os.mkfifo(gate)
     blockers = [asyncio.create_task(wm.run(tasks.wait_for_fifo, str(g))) for g in gates]
-    data = bytearray(b"a" * (2 * MIN))
-    call = asyncio.create_task(wm.run(tasks.checksum, data))
+    call = asyncio.create_task(wm.run(tasks.checksum, arg))
     await asyncio.sleep(0)  # accepted: waiting behind the blockers
-    data[:] = b"b" * len(data)
-    data.extend(b"more")  # the manager holds no view of it: it can still grow
+    change()
     await asyncio.gather(*(asyncio.to_thread(release, gate) for gate in gates))
     await asyncio.gather(*blockers)
-    assert await call == tasks.checksum(bytearray(b"a" * (2 * MIN)))
+    return await call
+
+
+@pytest.mark.asyncio
+async def test_a_buffer_changed_after_the_call_is_sent_as_it_was(
+    wm: WorkerManager, tmp_path: Path
+) -> None:
+    data = bytearray(b"a" * (2 * MIN))
+
+    def change() -> None:
+        data[:] = b"b" * len(data)
+        data.extend(b"more")  # the manager holds no view of it: it can still grow
+
+    sent = await checksum_sent_while_waiting(wm, tmp_path, data, change)
+    assert sent == tasks.checksum(bytearray(b"a" * (2 * MIN)))
 
 
 @pytest.mark.asyncio
@@ -243,17 +256,14 @@ async def test_one_buffer_in_many_places_travels_once(wm: WorkerManager) -> None
 async def test_a_read_only_view_of_changing_memory_is_sent_as_it_was(
     wm: WorkerManager, tmp_path: Path
 ) -> None:
-    gates = [tmp_path / "gate1", tmp_path / "gate2"]
-    for gate in gates:
-        os.mkfifo(gate)
-    blockers = [asyncio.create_task(wm.run(tasks.wait_for_fifo, str(g))) for g in gates]
     data = bytearray(b"a" * (2 * MIN))
-    call = asyncio.create_task(wm.run(tasks.checksum, memoryview(data).toreadonly()))
-    await asyncio.sleep(0)  # accepted, waiting behind the blockers
-    data[:] = b"b" * len(data)  # (the view itself, an argument, pins its size till the end)
-    await asyncio.gather(*(asyncio.to_thread(release, gate) for gate in gates))
-    await asyncio.gather(*blockers)
-    assert await call == tasks.checksum(memoryview(b"a" * (2 * MIN)))
+
+    def change() -> None:  # (the view itself, an argument, pins its size till the end)
+        data[:] = b"b" * len(data)
+
+    view = memoryview(data).toreadonly()
+    sent = await checksum_sent_while_waiting(wm, tmp_path, view, change)
+    assert sent == tasks.checksum(memoryview(b"a" * (2 * MIN)))
 
 
 @pytest.mark.asyncio

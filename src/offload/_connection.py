@@ -19,7 +19,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from ._worker import HEADER
+from ._worker import HEADER, frame
 
 __all__ = ("Connection", "FrameHandler")
 
@@ -85,10 +85,7 @@ class Connection:
         """Send a frame (``payload`` may come in parts); ``acked`` rides in its seconds field."""
         if self.closed:
             return
-        body = payload if isinstance(payload, list) else [memoryview(payload)]
-        size = sum(part.nbytes for part in body)
-        parts = [memoryview(HEADER.pack(task_id, tag, size, acked))]
-        parts += (part for part in body if part.nbytes)
+        parts = frame(task_id, tag, payload, acked)
         if self._pending:
             self._pending += parts
             return

@@ -421,6 +421,19 @@ class Arena:
             os.close(self.fd)
 
 
+def frame(
+    task_id: int, tag: int, payload: bytes | memoryview | list[memoryview], seconds: float
+) -> list[memoryview]:
+    """One frame as ``writev`` parts: the header, then the payload (whole, or in parts)."""
+    if isinstance(payload, list):
+        size = sum(part.nbytes for part in payload)
+        header = memoryview(HEADER.pack(task_id, tag, size, seconds))
+        return [header, *(part for part in payload if part.nbytes)]
+    view = memoryview(payload)
+    header = memoryview(HEADER.pack(task_id, tag, view.nbytes, seconds))
+    return [header, view] if view.nbytes else [header]
+
+
 class _Channel:
     """Frames over a pair of pipe file descriptors (blocking, this side)."""
 
@@ -495,9 +508,7 @@ class _Channel:
     def send(
         self, task_id: int, tag: int, payload: bytes | list[memoryview] = b"", seconds: float = 0.0
     ) -> None:
-        body = [memoryview(payload)] if isinstance(payload, bytes) else payload
-        size = sum(part.nbytes for part in body)
-        parts = [memoryview(HEADER.pack(task_id, tag, size, seconds)), *body]
+        parts = frame(task_id, tag, payload, seconds)
         with self.send_lock:
             while parts:
                 written = os.writev(self.wfd, parts)
