@@ -1,27 +1,41 @@
-"""offload: await CPU-heavy work on process or subinterpreter workers from asyncio code.
+"""offload: await CPU-heavy work on process or subinterpreter workers, from asyncio or trio.
 
 >>> import offload
 >>> async def main():  # doctest: +SKIP
 ...     async with offload.WorkerManager(workers=2, max_queue=100) as wm:
 ...         return await wm.run(pow, 2, 100, priority="high", timeout=5.0)
 
-Layers, each importing only those below it::
+Layers, each importing only those below it (checked by import-linter in the lint session)::
 
-    WorkerManager (_manager)   validation, admission, deadlines, outcomes, stats, lifecycle
-    Pool (_pool)               one kind's workers and the priority queue in front of them
-    workers/                   process and interpreter workers behind one small protocol
-    _connection / _worker      the pipe transport, parent side and worker side
+    offload (this package)      the public names; nothing else is public
+    asgi, pytest_plugin,        integrations, on the public API
+      to_process, to_interpreter, metrics, jobs, builtins, dask, demo
+    tasks                       the built-in task types (they use the registry, never the core)
+    _manager                    WorkerManager: the façade and its lifecycle
+    _map, _stream               wm.map and wm.stream
+    _dispatch                   jobs, admission, deadlines, the pump, every outcome
+    _queue, _estimates, _policy, _outcome, _stats, _config, _registry, _task
+    _backend                    the narrow interface to where work runs
+    _local                      process and interpreter workers: pool, workers, transport
+    _runtime                    the one seam that knows asyncio from trio
+    _offload_worker             stdlib-only code that runs inside every worker
+    errors                      the error tree
 """
 
 from typing import TYPE_CHECKING, Any
 
-from ._task import Priority, Retry, Task, task
+from . import _registry
+from ._registry import task
+from ._task import Priority, Retry, Task
 from .errors import (
     DecryptFailed,
     InvalidInput,
     InvalidTask,
+    MainGuardMissing,
     ManagerClosed,
+    NoCurrentManager,
     NotSerializable,
+    NotStarted,
     OffloadError,
     OutputTooLarge,
     PayloadTooLarge,
@@ -33,22 +47,27 @@ from .errors import (
     UnsupportedKind,
     WorkerCrashed,
     WorkerStartFailed,
+    WouldTimeOut,
 )
 
 __all__ = (
+    "__version__",
     "builtins",
     "tasks",
     "DecryptFailed",
     "InvalidInput",
     "InvalidTask",
+    "MainGuardMissing",
     "ManagerClosed",
     "NoCurrentManager",
     "NotSerializable",
+    "NotStarted",
     "OffloadError",
     "OutputTooLarge",
     "PayloadTooLarge",
     "PoisonTask",
     "Priority",
+    "Progress",
     "QueueFull",
     "Retry",
     "Stats",
@@ -59,26 +78,30 @@ __all__ = (
     "UnknownTask",
     "UnsupportedKind",
     "WorkerCrashed",
+    "WorkerInfo",
     "WorkerManager",
     "WorkerStartFailed",
+    "WouldTimeOut",
     "current_manager",
+    "report_progress",
     "task",
     "use_manager",
 )
 
 if TYPE_CHECKING:
     from . import builtins, tasks
-    from ._context import NoCurrentManager, current_manager, use_manager
+    from ._context import current_manager, use_manager
     from ._manager import WorkerManager
-    from ._stats import Stats, TaskRecord
+    from ._stats import Progress, Stats, TaskRecord, WorkerInfo
 
 # Loaded on first use: `import offload` stays cheap (a worker importing a module that only
-# registers tasks with @offload.task never pays for the manager and asyncio).
+# registers tasks with @offload.task never pays for the manager and the event loop).
 _LAZY = {
     "WorkerManager": "._manager",
     "Stats": "._stats",
     "TaskRecord": "._stats",
-    "NoCurrentManager": "._context",
+    "WorkerInfo": "._stats",
+    "Progress": "._stats",
     "current_manager": "._context",
     "use_manager": "._context",
     "builtins": ".builtins",
@@ -86,7 +109,47 @@ _LAZY = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("offload")
+    except PackageNotFoundError:  # run from a checkout without being installed
+        return "0+unknown"
+
+
+def report_progress(done: float, total: float | None = None, message: str | None = None) -> None:
+    """Inside a task: send a progress event to the caller's ``on_progress`` callback.
+
+    >>> def export(rows):  # doctest: +SKIP
+    ...     for n, row in enumerate(rows, 1):
+    ...         write(row)
+    ...         offload.report_progress(n, len(rows), "rows written")
+
+    Cheap: events are sent at most every 20 ms per task (the latest value wins, and the last
+    one before the task ends always arrives). Outside a worker's task it does nothing.
+    ``done`` and ``total`` are numbers in the task's own units; ``message`` is cut to 1000
+    characters. Raises ``TypeError`` for a ``done`` or ``total`` that is not a number.
+    """
+    from ._offload_worker.serve import report_progress as report
+
+    report(done, total, message)
+
+
+def _load_builtins() -> None:
+    import importlib
+
+    importlib.import_module(".tasks", __name__)
+
+
+_registry.load_builtins = _load_builtins
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        value: Any = _version()
+        globals()[name] = value
+        return value
     module_name = _LAZY.get(name)
     if module_name is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

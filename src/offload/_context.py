@@ -28,11 +28,13 @@ Nothing here imports a web framework.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
+
+from ._runtime import current_runtime
+from .errors import NoCurrentManager
 
 if TYPE_CHECKING:
     from ._manager import WorkerManager
@@ -40,9 +42,9 @@ if TYPE_CHECKING:
 __all__ = ("NoCurrentManager", "current_manager", "use_manager")
 
 _current: ContextVar[WorkerManager | None] = ContextVar("offload_current_manager", default=None)
-# The managers bound by use_manager(), per event loop, innermost last. Entries are removed
-# when use_manager() exits, so a closed loop is never kept alive here.
-_by_loop: dict[asyncio.AbstractEventLoop, list[WorkerManager]] = {}
+# The managers bound by use_manager(), per event loop (asyncio's loop, trio's token), innermost
+# last. Entries are removed when use_manager() exits, so a closed loop is never kept alive.
+_by_loop: dict[object, list[WorkerManager]] = {}
 
 _HINT = (
     "open one for the app's lifetime with `lifespan=offload.asgi.lifespan(workers=...)`, "
@@ -50,8 +52,11 @@ _HINT = (
 )
 
 
-class NoCurrentManager(LookupError, RuntimeError):
-    """``current_manager()`` found no manager (a ``LookupError`` and a ``RuntimeError``)."""
+def _loop_key() -> object | None:
+    try:
+        return current_runtime().key
+    except RuntimeError:
+        return None
 
 
 def current_manager() -> WorkerManager:
@@ -61,18 +66,15 @@ def current_manager() -> WorkerManager:
     >>> async def handler():  # doctest: +SKIP
     ...     return await offload.current_manager().run(pow, 2, 64)
 
-    Raises ``NoCurrentManager`` (a ``LookupError`` and ``RuntimeError``) with a hint when no
+    Raises ``NoCurrentManager`` (``NO_CURRENT_MANAGER``; also a ``LookupError`` and ``RuntimeError``) with a hint when no
     manager is set, or when several are bound to the running loop and none to this context.
     """
     wm = _current.get()
     if wm is not None:
         return wm
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        raise NoCurrentManager(
-            f"no current offload manager (and no running event loop here); {_HINT}"
-        ) from None
+    loop = _loop_key()
+    if loop is None:
+        raise NoCurrentManager(f"no current offload manager (and no running event loop here); {_HINT}")
     bound = _by_loop.get(loop)
     if not bound:
         raise NoCurrentManager(f"no current offload manager; {_HINT}")
@@ -98,12 +100,9 @@ def use_manager(wm: WorkerManager, *, bind_loop: bool = True) -> Iterator[Worker
     loop find it. Enter and exit in the same task (as ``with`` does).
     """
     token = _current.set(wm)
-    loop: asyncio.AbstractEventLoop | None = None
+    loop: object | None = None
     if bind_loop:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop = _loop_key()
         if loop is not None:
             _by_loop.setdefault(loop, []).append(wm)
     try:

@@ -1,63 +1,57 @@
-"""``WorkerManager``: validation, admission, deadlines, outcomes, statistics, lifecycle."""
+"""``WorkerManager``: the public façade (run, execute_task, map, stream, statistics) and the
+manager's lifecycle. Jobs and outcomes belong to the dispatcher; workers to the backends."""
 
 from __future__ import annotations
 
-import asyncio
 import enum
-import hashlib
-import itertools
+import inspect
 import logging
+import math
 import os
 import sys
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, Literal, Self, TypeVar, TypeVarTuple
 
-from . import _worker as wire
+import anyio
+import anyio.abc
+
+from ._backend import Backend
+from ._config import DEFAULT_MAX_PAYLOAD, Config, make_config
+from ._dispatch import CANCELLED, Dispatcher, Job, JobState, Submission
+from ._estimates import flow_of
+from ._offload_worker import codec
 from ._outcome import alias_main
-from ._pool import Backend, Pool, PoolConfig, WorkerKind
-from ._queue import Job, JobState
-from ._stats import Stats, StatsRecorder, TaskRecord
-from ._task import (
-    Priority,
-    PriorityLike,
-    RegisteredTask,
-    Retry,
-    Task,
-    coerce_retry,
-    coerce_timeout,
-    task_from_dict,
-)
+from ._policy import should_retry
+from ._registry import RegisteredTask, task_from_dict
+from ._runtime import Runtime, current_runtime
+from ._stats import Progress, Stats, WorkerInfo
+from ._task import Priority, PriorityLike, Retry, Task, coerce_priority, coerce_timeout
 from .errors import (
     InvalidTask,
+    MainGuardMissing,
     ManagerClosed,
     NotSerializable,
-    OffloadError,
+    NotStarted,
     PayloadTooLarge,
-    PoisonTask,
-    QueueFull,
-    TaskTimeout,
     UnsupportedKind,
-    WorkerCrashed,
 )
-from .workers import interpreters_available
 
 __all__ = ("WorkerManager",)
 
 log = logging.getLogger("offload")
 
 R = TypeVar("R")
+T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
-KIND_NAMES: Final = ("process", "interpreter", "dask")
-DEFAULT_MAX_PAYLOAD: Final = 256 * 1024 * 1024
-POISON_MEMORY: Final = 600.0  # seconds a crash counts against an identical task
-
-
-# Kinds whose workers share memory with this process: big buffers go out of band (see _worker).
-_SHARED_MEMORY_KINDS = frozenset({"process", "interpreter"})
+#: Arguments holding at least this many bytes of buffers are pickled (and snapshotted) in a
+#: thread, so a big copy never blocks the event loop.
+OFFLOOP_BYTES: Final = 8 << 20
+#: How long a cancelled caller waits for its work to be stopped (a kill and reap takes ms).
+_STOP_WAIT: Final = 5.0
+_LOCAL_KINDS: Final = frozenset({"process", "interpreter"})
 
 
 class _State(enum.Enum):
@@ -67,11 +61,6 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-def default_workers() -> int:
-    """``max(1, os.cpu_count() - 1)``: leave a core for the event loop."""
-    return max(1, (os.cpu_count() or 2) - 1)
-
-
 class WorkerManager:
     """Runs CPU-heavy callables on worker processes or subinterpreters, from ``async`` code.
 
@@ -79,61 +68,86 @@ class WorkerManager:
     ...     digest = await wm.run(hashlib_sha256_hex, b"data", priority="high", timeout=5)
     ...     token = await wm.execute_task({"type": "jwt:sign", "data": {...}})
 
+    Works on asyncio (uvloop too) and trio, under anyio or directly.
+
     Args:
-        workers: how many workers this manager owns (not shared with other managers);
-            default ``max(1, os.cpu_count() - 1)``.
-        kind: ``"process"`` (default) or ``"interpreter"`` (Python 3.13+, one GIL per
-            subinterpreter, lower overhead, but a crash takes the whole process down and code
-            blocked in C cannot be stopped), ``"dask"`` (a local Dask cluster, see
-            ``offload.dask``), or a kind object such as ``offload.dask.DaskKind(address=...)``.
+        workers: a fixed pool of this many workers (not shared with other managers). Default:
+            ``max(1, (cpus - S) // S)`` where ``S`` is the number of server processes on
+            this machine (``server_processes``, else ``WEB_CONCURRENCY``, else 1).
+        kind: ``"process"`` (default), ``"interpreter"`` (Python 3.13+: one GIL per
+            subinterpreter; a crash takes the whole process down and code blocked in C
+            cannot be stopped), ``"dask"`` (a local Dask cluster, asyncio only), or a kind
+            object such as ``offload.dask.DaskKind(address=...)``.
+        min_workers, max_workers: a pool that scales instead of a fixed one: it starts
+            ``min_workers``, adds workers while tasks wait (up to ``max_workers``), and
+            retires workers idle longer than ``idle_timeout`` seconds (default 60).
         max_queue: how many tasks may wait for a worker; one more raises ``QueueFull``.
+        max_wait: the longest a task may wait before it starts (seconds). With run-time
+            history, a task that would wait longer is refused at once (``WouldTimeOut``);
+            one still waiting then is dropped (``TIMEOUT``).
+        scheduling: ``"fair"`` (default): within one priority, functions and task types
+            share the workers by their measured cost, so cheap work never waits behind a
+            burst of expensive work; ``"fifo"``: arrival order within a priority.
+        inline_below: run a task on the caller's thread instead of a worker when its recent
+            run time is below this many seconds and below what a round trip costs the event
+            loop (it gives up kill-on-timeout and crash isolation; ``None``: never).
         process_workers: with ``kind="interpreter"``, extra process workers for task types
             that cannot load in a subinterpreter (``cryptography``, ``zstandard``, ...).
-        max_payload: the largest pickled arguments or result, in bytes (``PAYLOAD_TOO_LARGE``).
+        max_payload: the largest pickled arguments, result or exception, in bytes
+            (``PAYLOAD_TOO_LARGE``).
         default_timeout: the deadline for tasks that set none (seconds, or ``None``).
-        shutdown_grace: how long leaving ``async with`` waits for queued and running work.
-        start_timeout: how long a worker may take to report READY.
+        shutdown_grace: how long shutdown waits for queued and running work (seconds >= 0);
+            shutdown returns within it plus a small margin, whatever a worker does.
+        start_timeout: how long a worker may take to report READY (seconds).
         interrupt_grace: interpreter workers: how long an interrupted task may take to stop
-            before its interpreter is quarantined and replaced.
+            before its interpreter is quarantined and replaced (seconds).
         on_task_done: called on the event loop with a ``TaskRecord`` when each accepted task
-            gets its outcome (for logs and metrics; keep it fast, exceptions are logged).
-        retry: the default ``Retry`` policy (or a number of attempts) for tasks that set none;
-            by default nothing is retried.
+            gets its outcome (keep it fast; exceptions are logged).
+        retry: the default ``Retry`` policy (or a number of attempts) for tasks that set none.
         poison_after: refuse (``POISON_TASK``) a task identical to one that already crashed
-            workers this many times (within 10 minutes), so one bad input cannot keep
-            killing the pool; ``None`` turns this off. Kills from outside (an operator, the
-            OOM killer) count too.
+            workers this many times (within 10 minutes); ``None`` turns this off.
         spare_workers: process workers kept started and idle, so a lost or recycled worker is
-            replaced at once (default 1 for ``kind="process"``).
-        max_tasks_per_worker: recycle a worker after this many tasks.
+            replaced at once (default 1, or 0 with several server processes).
+        max_tasks_per_worker: recycle a worker once it has been given this many tasks.
         max_worker_memory: recycle a process worker whose resident memory (checked between
             tasks) is over this many bytes.
         worker_memory_limit: a hard address-space limit per process worker (``RLIMIT_AS``,
-            bytes): an allocation over it raises ``MemoryError`` in the task.
+            bytes, at least 1 MiB): an allocation over it raises ``MemoryError`` in the task.
         max_worker_age: recycle a worker older than this many seconds (checked when idle).
         health_interval: ping idle workers every this many seconds (``None``: never); one that
             does not answer within ``health_timeout`` seconds is hung and is replaced.
         worker_nice: how much lower the workers' CPU priority is than the caller's (Unix
-            niceness, 0 to 19): when the cores are busy, the event loop is served first, so
-            it stays responsive (``0``: equal priority).
+            niceness steps, 0 to 19, capped at 19 in all): on busy cores the event loop is
+            served first (``0``: equal priority).
+        server_processes: how many server processes share this machine (for the default
+            ``workers``); default ``WEB_CONCURRENCY``, else 1.
+
+    Raises ``ValueError`` (naming the option and its range) for an option out of range, and
+    ``UnsupportedKind`` for a kind this Python cannot run.
     """
 
     def __init__(
         self,
         workers: int | None = None,
-        kind: Literal["process", "interpreter", "dask"] | WorkerKind = "process",
+        kind: Literal["process", "interpreter", "dask"] | Any = "process",
         *,
+        min_workers: int | None = None,
+        max_workers: int | None = None,
+        idle_timeout: float | None = None,
         max_queue: int = 1000,
+        max_wait: float | None = None,
+        scheduling: Literal["fair", "fifo"] = "fair",
+        inline_below: float | None = None,
         process_workers: int = 0,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         default_timeout: float | None = None,
         shutdown_grace: float = 30.0,
         start_timeout: float = 30.0,
         interrupt_grace: float = 0.25,
-        on_task_done: Callable[[TaskRecord], None] | None = None,
+        on_task_done: Callable[[Any], None] | None = None,
         retry: Retry | int | None = None,
         poison_after: int | None = 3,
-        spare_workers: int = 1,
+        spare_workers: int | None = None,
         max_tasks_per_worker: int | None = None,
         max_worker_memory: int | None = None,
         worker_memory_limit: int | None = None,
@@ -141,83 +155,75 @@ class WorkerManager:
         health_interval: float | None = 5.0,
         health_timeout: float = 10.0,
         worker_nice: int = 10,
+        server_processes: int | None = None,
     ) -> None:
         if kind == "dask":
             from .dask import DaskKind  # optional: needs the `dask` extra
 
             kind = DaskKind()
-        if isinstance(kind, str):
-            if kind not in KIND_NAMES:
-                raise UnsupportedKind(f"kind must be one of {KIND_NAMES}, not {kind!r}")
-            if kind == "interpreter":
-                interpreters_available()
-            self._kind_object: WorkerKind | None = None
-            kind_name: str = kind
-        else:
-            self._kind_object = kind
-            kind_name = kind.name
-        if workers is None:
-            workers = default_workers()
-        for name, value, low in (
-            ("workers", workers, 1),
-            ("max_queue", max_queue, 0),
-            ("process_workers", process_workers, 0),
-            ("max_payload", max_payload, 1),
-            ("spare_workers", spare_workers, 0),
-            ("poison_after", 1 if poison_after is None else poison_after, 1),
-            ("max_tasks_per_worker", max_tasks_per_worker or 1, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, not {value!r}")
-        if process_workers and kind_name == "process":
-            raise ValueError("process_workers is for kind='interpreter'; raise workers instead")
-        #: The worker kind's name: "process", "interpreter", "dask".
-        self.kind = kind_name
-        self.max_queue = max_queue
-        self.max_payload = max_payload
-        self.default_timeout = coerce_timeout(default_timeout)
-        self.shutdown_grace = shutdown_grace
-        self.default_retry = coerce_retry(retry)
-        self._workers = workers
-        self._process_workers = process_workers
-        self._on_task_done = on_task_done
-        self._poison_after = poison_after
-        # payload digest -> (crashes, when the last one happened)
-        self._crashes: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
-        self._config = PoolConfig(
-            settings={
-                "sys_path": [],  # filled in at start
-                "max_payload": max_payload,
-                "max_rss": max_worker_memory,
-                "rlimit_as": worker_memory_limit,
-                "nice": worker_nice,
-            },
-            start_timeout=start_timeout,
-            interrupt_grace=interrupt_grace,
-            on_restart=self._count_restart,
-            on_recycle=self._count_recycle,
-            spare_workers=spare_workers,
-            max_tasks_per_worker=max_tasks_per_worker,
-            max_worker_age=max_worker_age,
-            health_interval=health_interval,
-            health_timeout=health_timeout,
+        config = make_config(
+            workers=workers, kind=kind, min_workers=min_workers, max_workers=max_workers,
+            idle_timeout=idle_timeout, max_queue=max_queue, max_wait=max_wait,
+            scheduling=scheduling, inline_below=inline_below, process_workers=process_workers,
+            max_payload=max_payload, default_timeout=default_timeout,
+            shutdown_grace=shutdown_grace, start_timeout=start_timeout,
+            interrupt_grace=interrupt_grace, on_task_done=on_task_done, retry=retry,
+            poison_after=poison_after, spare_workers=spare_workers,
+            max_tasks_per_worker=max_tasks_per_worker, max_worker_memory=max_worker_memory,
+            worker_memory_limit=worker_memory_limit, max_worker_age=max_worker_age,
+            health_interval=health_interval, health_timeout=health_timeout,
+            worker_nice=worker_nice, server_processes_=server_processes,
         )
+        self._init(config)
+
+    @classmethod
+    def from_config(cls, config: Config) -> WorkerManager:
+        """A manager from an already checked ``Config`` (``asgi.lifespan`` uses this)."""
+        manager = cls.__new__(cls)
+        manager._init(config)
+        return manager
+
+    def _init(self, config: Config) -> None:
+        if config.kind == "interpreter":
+            from ._local._subinterp import available
+
+            available()
+        self._config = config
+        #: The worker kind's name: "process", "interpreter", "dask".
+        self.kind = config.kind
+        self.max_queue = config.max_queue
+        self.max_payload = config.max_payload
+        self.default_timeout = config.default_timeout
+        self.shutdown_grace = config.shutdown_grace
+        self.default_retry = config.retry
         self._state = _State.NEW
-        self._pools: dict[str, Backend] = {}
-        self._stats = StatsRecorder()
-        self._seq = itertools.count(1)
-        self._outstanding = 0  # accepted jobs without an outcome yet
-        self._drained: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed_event: asyncio.Event | None = None
+        self._backends: dict[str, Backend] = {}
+        self._dispatch: Dispatcher | None = None
+        self._runtime: Runtime | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._service_stop: anyio.Event | None = None
+        self._service_done: anyio.Event | None = None
+        self._closed_event: anyio.Event | None = None
+        self._flows: dict[Any, tuple[str, str]] = {}  # fn -> (flow, name)
+        self._out_of_band = config.kind in _LOCAL_KINDS
+        self._sample = 0
 
     def __repr__(self) -> str:
+        size = (
+            f"workers={self._config.workers}" if not self._config.scaling
+            else f"workers={self._config.min_workers}..{self._config.max_workers}"
+        )
         return (
-            f"<WorkerManager kind={self.kind} workers={self._workers} "
-            f"max_queue={self.max_queue} {self._state.value}>"
+            f"<WorkerManager kind={self.kind} {size} max_queue={self.max_queue} "
+            f"{self._state.value}>"
         )
 
-    # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def config(self) -> Config:
+        """The checked options."""
+        return self._config
+
+    # -- lifecycle -----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -229,38 +235,117 @@ class WorkerManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        cancelled = exc_type is not None and issubclass(exc_type, asyncio.CancelledError)
+        cancelled = exc is not None and isinstance(exc, anyio.get_cancelled_exc_class())
         await self.shutdown(grace=0 if cancelled else None)
 
     async def start(self) -> Self:
-        """Start the workers and wait until each has answered READY (or raise)."""
+        """Start the workers and wait until each has answered READY.
+
+        Raises ``WorkerStartFailed`` (nothing is left running), ``UnsupportedKind``,
+        ``MainGuardMissing`` (this runs while a worker imports your script).
+        """
         if self._state is not _State.NEW:
             raise RuntimeError(f"this WorkerManager is {self._state.value}; create a new one")
-        self._loop = asyncio.get_running_loop()
-        self._drained = asyncio.Event()
-        self._closed_event = asyncio.Event()
+        mainmod = sys.modules.get("offload._offload_worker.mainmod")
+        if mainmod is not None and getattr(mainmod, "loading", False):
+            raise MainGuardMissing(
+                "a worker loaded your script to find a task defined in it, and the script "
+                "started a WorkerManager at import time: put the code that starts it under "
+                '`if __name__ == "__main__":` (as multiprocessing requires)'
+            )
+        runtime = self._runtime = current_runtime()
         config = self._config
-        config.settings.update(sys_path=list(sys.path), main=_main_reference())
+        settings = {
+            "sys_path": list(sys.path),
+            "main": _main_reference(),
+            "max_payload": config.max_payload,
+            "max_rss": config.max_worker_memory,
+            "rlimit_as": config.worker_memory_limit,
+        }
         alias_main()
-        if self._kind_object is not None:
-            self._pools[self.kind] = self._kind_object.create_pool(self._workers, self, config)
-        else:
-            self._pools[self.kind] = Pool(self.kind, self._workers, self, config)
-        if self._process_workers:
-            self._pools["process"] = Pool("process", self._process_workers, self, config)
+        self._backends = self._make_backends(runtime, settings)
+        self._dispatch = Dispatcher(config, runtime, self._backends)
+        self._closed_event = anyio.Event()
+        await self._start_service(runtime)
         self._state = _State.RUNNING
         try:
-            await asyncio.gather(*(pool.start() for pool in self._pools.values()))
-        except BaseException:
+            async with anyio.create_task_group() as starting:
+                for backend in self._backends.values():
+                    assert self._tg is not None
+                    starting.start_soon(backend.start, runtime, self._tg)
+        except BaseException as exc:
             self._state = _State.CLOSED
-            await asyncio.shield(self._close_pools(0))
-            raise
+            with anyio.CancelScope(shield=True):
+                await self._close_backends(0)
+                await self._stop_service()
+            self._closed_event.set()
+            raise _first(exc) from None
         return self
+
+    def _make_backends(self, runtime: Runtime, settings: dict[str, Any]) -> dict[str, Backend]:
+        config = self._config
+        if config.kind_object is not None:
+            if runtime.name != "asyncio" and not getattr(config.kind_object, "any_loop", False):
+                raise UnsupportedKind(
+                    f"the {config.kind} kind runs on asyncio only (its client is asyncio's); "
+                    f"this is {runtime.name}: use kind='process' or 'interpreter'"
+                )
+            backends = {config.kind: config.kind_object.create_backend(config.workers, config)}
+        else:
+            from ._local import LocalPool
+
+            backends = {config.kind: LocalPool(config.kind, config.workers, config, settings)}
+        if config.process_workers:
+            from ._local import LocalPool
+
+            backends["process"] = LocalPool("process", config.process_workers, config, settings)
+        return backends  # type: ignore[return-value]
+
+    async def _start_service(self, runtime: Runtime) -> None:
+        """The manager's background work (worker starts, health checks, scaling) runs in a
+        task group of its own, in a system task that lives as long as the manager."""
+        ready = anyio.Event()
+        self._service_stop = stop = anyio.Event()
+        self._service_done = done = anyio.Event()
+
+        async def service() -> None:
+            try:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    ready.set()
+                    await stop.wait()
+                    tg.cancel_scope.cancel()
+            except BaseException:  # the loop is ending without a shutdown: leave nothing
+                self._emergency_stop()
+                if not isinstance(_first_base(), anyio.get_cancelled_exc_class()):
+                    log.exception("offload: the manager's background service failed")
+            finally:
+                done.set()
+
+        runtime.spawn_system_task(service, name=f"offload-manager-{id(self):x}")
+        await ready.wait()
+
+    async def _stop_service(self) -> None:
+        if self._service_stop is not None and self._service_done is not None:
+            self._service_stop.set()
+            await self._service_done.wait()
+
+    def _emergency_stop(self) -> None:
+        """The event loop is ending under a running manager: kill every process worker."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        for backend in self._backends.values():
+            kill_all = getattr(backend, "kill_all", None)
+            if kill_all is not None:
+                kill_all()
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop taking work, let queued and running tasks finish within ``grace`` seconds
         (default ``shutdown_grace``), fail what is left with ``ManagerClosed`` (``SHUTDOWN``),
-        then stop every worker. Idempotent; afterwards no worker of this manager is alive.
+        then stop every worker. Returns within ``grace`` plus a small margin, whatever a
+        worker does; idempotent. Afterwards no worker process of this manager is alive (an
+        interpreter stuck in a C call is left to end when the call returns).
         """
         if self._state is _State.NEW:
             self._state = _State.CLOSED
@@ -270,40 +355,58 @@ class WorkerManager:
             await self._closed_event.wait()
             return
         self._state = _State.DRAINING
-        grace = self.shutdown_grace if grace is None else grace
-        assert self._drained is not None
-        assert self._closed_event is not None
+        grace = self.shutdown_grace if grace is None else _grace(grace)
+        dispatch = self._dispatch
+        assert dispatch is not None and self._runtime is not None
+        dispatch.closed = True
+        for backend in self._backends.values():
+            backend.drain()
+        started = self._runtime.now()
         try:
-            if self._outstanding and grace > 0:
-                async with asyncio.timeout(grace):
-                    await self._drained.wait()
-        except TimeoutError:
-            pass
+            if dispatch.jobs and grace > 0:
+                with anyio.move_on_after(grace):
+                    await dispatch.drained().wait()
         finally:
             # Even when the caller is cancelled here: nothing is left running.
-            await asyncio.shield(self._finish_shutdown())
+            with anyio.CancelScope(shield=True):
+                left = max(0.0, grace - (self._runtime.now() - started))
+                await self._finish_shutdown(left)
 
-    async def _finish_shutdown(self) -> None:
-        left = [(pool, job) for pool in self._pools.values() for job in pool.all_jobs()]
-        for pool, job in left:
-            pool.stop(job, "shutdown")  # queued: settled now; running: the work is stopped
-        # Idle workers exit at once; only an interpreter stuck in C code may take longer.
-        await self._close_pools(self.shutdown_grace)
-        for _, job in left:  # stopped with their workers: settle what the exits did not
-            self.settle(job, error=ManagerClosed("the manager shut down", task_id=job.task_id))
+    async def _finish_shutdown(self, left: float) -> None:
+        dispatch = self._dispatch
+        assert dispatch is not None
+        dispatch.stop_all("shutdown")  # queued: settled now; running: the work is stopped
+        if dispatch.jobs:
+            with anyio.move_on_after(2.0):  # kills are reaped in milliseconds
+                await dispatch.drained().wait()
+        await self._close_backends(left)
+        for job in list(dispatch.jobs.values()):  # anything a backend could not account for
+            dispatch.settle(job, error=ManagerClosed("the manager shut down", task_id=job.task_id))
+        await self._stop_service()
         self._state = _State.CLOSED
         assert self._closed_event is not None
         self._closed_event.set()
 
-    async def _close_pools(self, grace: float) -> None:
-        await asyncio.gather(*(pool.aclose(grace) for pool in self._pools.values()))
+    async def _close_backends(self, grace: float) -> None:
+        async with anyio.create_task_group() as closing:
+            for backend in self._backends.values():
+                closing.start_soon(backend.aclose, grace)
 
     @property
     def closed(self) -> bool:
         """True once ``shutdown`` began: submitting raises ``ManagerClosed``."""
         return self._state in (_State.DRAINING, _State.CLOSED)
 
-    # -- submitting ------------------------------------------------------------------------
+    def _refuse(self, task_id: str | None) -> Dispatcher:
+        if self._state is _State.NEW:
+            raise NotStarted(
+                "this WorkerManager was never started: use `async with WorkerManager(...) as "
+                "wm:` (or `await wm.start()`) before submitting",
+                task_id=task_id,
+            )
+        raise ManagerClosed("the manager is shut down; create a new one", task_id=task_id)
+
+    # -- submitting ----------------------------------------------------------------------------
 
     async def run(
         self,
@@ -313,21 +416,45 @@ class WorkerManager:
         timeout: float | None = None,
         task_id: str | None = None,
         retry: Retry | int | None = None,
+        max_wait: float | None = None,
+        on_progress: Callable[[Progress], Any] | None = None,
     ) -> R:
         """Run ``fn(*args)`` on a worker and return its result.
 
         >>> await wm.run(math.factorial, 500, priority="high", timeout=2.0)  # doctest: +SKIP
 
-        ``fn`` must be picklable by reference (a module-level function). For keyword
-        arguments, pass ``functools.partial(fn, key=value)``.
+        ``fn`` must be picklable by reference (a module-level function); for keyword
+        arguments pass ``functools.partial(fn, key=value)``. ``timeout`` (seconds) covers
+        waiting and running; any cancel scope around the call stops the work the same way.
+        ``on_progress`` receives ``offload.Progress`` events the task sends with
+        ``offload.report_progress`` (an async callback is awaited in order).
+
+        Raises what ``fn`` raised (with the worker's traceback as ``__cause__``), or an
+        ``OffloadError``: ``QUEUE_FULL``, ``WOULD_TIME_OUT``, ``TIMEOUT``,
+        ``WORKER_CRASHED``, ``NOT_SERIALIZABLE``, ``PAYLOAD_TOO_LARGE``, ``SHUTDOWN``...
         """
-        task = Task(
-            fn, args=tuple(args), priority=priority, timeout=timeout, id=task_id, retry=retry
+        dispatch = self._dispatch
+        if dispatch is None or self._state is not _State.RUNNING:
+            dispatch = self._refuse(task_id)
+        prio = priority if type(priority) is Priority else _priority(priority, task_id)
+        if timeout is not None:
+            timeout = _timeout(timeout, task_id)
+        if max_wait is not None:
+            max_wait = _timeout(max_wait, task_id, "max_wait")
+        retry_policy = _retry(retry, task_id) if retry is not None else self.default_retry
+        flow, name = self._flow(fn)
+        result: R = await self._call(
+            fn, args, None, flow, name, prio, timeout, max_wait, task_id, retry_policy,
+            self.kind, self._config.inline_below, on_progress,
         )
-        result: R = await self._submit(task, self._pools_for(None))
         return result
 
-    async def execute_task(self, task: Task | Mapping[str, Any]) -> Any:
+    async def execute_task(
+        self,
+        task: Task | Mapping[str, Any],
+        *,
+        on_progress: Callable[[Progress], Any] | None = None,
+    ) -> Any:
         """Run a ``Task``, or a dict naming a registered type, and return its result.
 
         >>> await wm.execute_task(Task(pow, args=(2, 10), priority=Priority.LOW))  # doctest: +SKIP
@@ -336,238 +463,358 @@ class WorkerManager:
         ...     {"id": "a1", "type": "demo:add", "data": {"a": 1, "b": 2}, "timeout": 5}
         ... )
         3
+
+        A dict takes the keys ``id``, ``type``, ``data``, ``priority``, ``timeout``,
+        ``retries`` and ``max_wait``; anything else is ``INVALID_TASK``, and an unregistered
+        ``type`` is ``UNKNOWN_TASK`` (the registry is an allow-list).
         """
         if isinstance(task, Task):
-            return await self._submit(task, self._pools_for(None))
-        if isinstance(task, Mapping):
-            parsed, entry = task_from_dict(task)
-            return await self._submit(parsed, self._pools_for(entry, task.get("data")))
-        raise InvalidTask(f"execute_task takes a Task or a dict, not {type(task).__name__}")
-
-    def _pools_for(self, entry: RegisteredTask | None, data: Any = None) -> Backend:
-        if self._state is not _State.RUNNING:
-            raise ManagerClosed(self._closed_message())
-        kinds = entry.kinds_of(data) if entry is not None else None
-        if kinds is None or self.kind in kinds:
-            return self._pools[self.kind]
-        if "process" in kinds and "process" in self._pools:
-            return self._pools["process"]
-        assert entry is not None
-        why = f" ({entry.why_not})" if entry.why_not else ""
-        raise UnsupportedKind(
-            f"task type {entry.name!r} cannot run on {self.kind} workers{why}; here it runs on "
-            f"{sorted(kinds)}: use WorkerManager(kind='process') or give this manager "
-            "process workers: WorkerManager(kind='interpreter', process_workers=1)"
+            entry = None
+            route = self.kind
+            inline = self._config.inline_below
+        elif isinstance(task, Mapping):
+            task, entry = task_from_dict(task)
+            data = task.args[0] if task.args and entry.prepare is None else None
+            route = self._route(entry, data, task.id)
+            inline = entry.inline_below if entry.inline_below is not None else (
+                self._config.inline_below
+            )
+        else:
+            raise InvalidTask(f"execute_task takes a Task or a dict, not {type(task).__name__}")
+        if self._dispatch is None or self._state is not _State.RUNNING:
+            self._refuse(task.id)
+        flow, name = (entry.name, entry.name) if entry is not None else self._flow(task.fn)
+        retry = task.retry if task.retry is not None else self.default_retry
+        return await self._call(
+            task.fn, task.args, dict(task.kwargs) or None, flow, name,
+            task.priority, task.timeout, task.max_wait, task.id, retry,  # type: ignore[arg-type]
+            route, inline, on_progress,
         )
 
-    def _closed_message(self) -> str:
-        if self._state is _State.NEW:
-            return "the manager is not started: use `async with WorkerManager(...) as wm:`"
-        return "the manager is shut down and takes no more tasks"
+    def _flow(self, fn: Any) -> tuple[str, str]:
+        try:
+            known = self._flows.get(fn)
+        except TypeError:  # unhashable callable
+            flow = flow_of(fn)
+            return flow, flow
+        if known is None:
+            flow = flow_of(fn)
+            known = (flow, flow.rpartition(".")[2] if "<" not in flow else flow)
+            if len(self._flows) < 4096:
+                self._flows[fn] = known
+        return known
 
-    async def _submit(self, task: Task, pool: Backend) -> Any:
-        policy = coerce_retry(task.retry) if task.retry is not None else self.default_retry
-        timeout = task.timeout if task.timeout is not None else self.default_timeout
-        payload = self._pickle_call(task, out_of_band=pool.kind in _SHARED_MEMORY_KINDS)
-        if self._crashes:
-            self._refuse_poison(task, payload)
-        if policy is None:
-            return await self._attempt(task, pool, payload, timeout)
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+    def _route(self, entry: RegisteredTask, data: Any, task_id: str | None) -> str:
+        """Which of this manager's kinds runs a registered type (with this ``data``)."""
+        kinds = entry.kinds_of(data)
+        if self.kind in kinds:
+            return self.kind
+        if "process" in kinds and "process" in self._backends:
+            return "process"
+        hint = (
+            "; give the manager process workers (WorkerManager(kind='interpreter', "
+            "process_workers=1))"
+            if self.kind == "interpreter" and "process" in kinds
+            else ""
+        )
+        why = f" ({entry.why_not})" if entry.why_not else ""
+        raise UnsupportedKind(
+            f"task type {entry.name!r} cannot run on {self.kind} workers{why}; it runs on "
+            f"{', '.join(sorted(kinds)) or 'no kind'}{hint}",
+            task_id=task_id,
+        )
+
+    async def _call(
+        self,
+        fn: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        flow: str,
+        name: str,
+        priority: Priority,
+        timeout: float | None,
+        max_wait: float | None,
+        task_id: str | None,
+        retry: Retry | None,
+        route: str,
+        inline_below: float | None,
+        on_progress: Callable[[Progress], Any] | None,
+    ) -> Any:
+        dispatch = self._dispatch
+        assert dispatch is not None
+        if inline_below is not None and dispatch.inline_ok(flow, inline_below):
+            return self._inline(fn, args, kwargs, flow, name, priority, task_id)
+        if timeout is None:
+            timeout = self.default_timeout
+        if max_wait is None:
+            max_wait = self._config.max_wait
+        payload = await self._encode(fn, args, kwargs, task_id)
+        sub = Submission(payload, name, flow, priority, timeout, max_wait, task_id, route)
+        if on_progress is not None and inspect.iscoroutinefunction(on_progress):
+            return await self._with_async_progress(sub, retry, on_progress)
+        if on_progress is not None:
+            sub = _replace(sub, on_progress=on_progress)
+        return await self._attempts(sub, retry)
+
+    async def _attempts(self, sub: Submission, retry: Retry | None) -> Any:
+        """Run ``sub``, again under ``retry`` while it fails with a retryable code."""
+        if retry is None:
+            return await self._attempt(sub)
+        runtime = self._runtime
+        assert runtime is not None
+        deadline = None if sub.timeout is None else runtime.now() + sub.timeout
         attempt = 0
         while True:
             try:
-                return await self._attempt(task, pool, payload, timeout)
-            except OffloadError as exc:
+                return await self._attempt(sub)
+            except Exception as exc:
                 attempt += 1
-                if exc.code not in policy.on or attempt > policy.attempts:
+                delay = should_retry(retry, exc, attempt, runtime.now(), deadline)
+                if delay is None or self._state is not _State.RUNNING:
                     raise
-                delay = policy.delay(attempt)
-                if deadline is not None:
-                    timeout = deadline - loop.time() - delay
-                    if timeout <= 0:
-                        raise
-                if self._crashes:
-                    self._refuse_poison(task, payload)
-                self._stats.retried += 1
-                await asyncio.sleep(delay)
-                if self._state is not _State.RUNNING:  # shut down while waiting to retry
-                    raise ManagerClosed(self._closed_message(), task_id=task.id) from exc
+            assert self._dispatch is not None
+            self._dispatch.stats.retried += 1
+            await anyio.sleep(delay)
+            if deadline is not None:
+                left = deadline - runtime.now()
+                if left <= 0:
+                    raise exc
+                sub = _replace(sub, timeout=left)
 
-    async def _attempt(
-        self, task: Task, pool: Backend, payload: bytes | wire.Payload, timeout: float | None
-    ) -> Any:
-        if len(pool.queue) >= self.max_queue and not pool.has_room():
-            self._stats.rejected += 1
-            raise QueueFull(
-                f"{len(pool.queue)} tasks are already waiting (max_queue={self.max_queue}); "
-                "retry later, or raise max_queue or workers",
-                task_id=task.id,
-            )
-        loop = self._loop
-        assert loop is not None
-        job = Job(
-            next(self._seq),
-            task.priority,  # type: ignore[arg-type]  # coerced by Task
-            payload,
-            loop.create_future(),
-            task.id,
-            getattr(task.fn, "__qualname__", type(task.fn).__name__),
-            pool.kind,
-            timeout,
-        )
-        if timeout is not None:
-            job.deadline_handle = loop.call_at(loop.time() + timeout, self._on_deadline, job, pool)
-        self._outstanding += 1
-        self._stats.submitted += 1
-        pool.submit(job)
+    async def _attempt(self, sub: Submission) -> Any:
+        """One submission: admitted (or refused at once), then its one outcome."""
+        dispatch = self._dispatch
+        assert dispatch is not None
+        sample = self._sample = self._sample + 1
+        measure = not sample & 31
+        if measure:
+            begun = time.perf_counter()
+        job = dispatch.submit(sub)
+        if measure:
+            dispatch.note_loop_cost(2 * (time.perf_counter() - begun))
+        waiter = job.waiter
         try:
-            return await job.future
-        except asyncio.CancelledError:
+            await waiter.wait()
+        except BaseException:
             if job.state is not JobState.DONE:
-                pool.stop(job, "cancelled")
+                await self._stop_after_cancel(job)
             raise
+        if job.error is CANCELLED:  # stopped on another's behalf (e.g. a stream consumer)
+            raise ManagerClosed("the task was stopped", task_id=sub.task_id)
+        return job.outcome()
 
-    def _refuse_poison(self, task: Task, payload: bytes | wire.Payload) -> None:
-        key = _digest(payload)
-        crashes, last = self._crashes.get(key, (0, 0.0))
-        if time.monotonic() - last > POISON_MEMORY:
-            self._crashes.pop(key, None)  # long ago: an outside kill, or since fixed
-            return
-        if self._poison_after is not None and crashes >= self._poison_after:
-            raise PoisonTask(
-                f"not run: this exact task (same function and arguments) crashed workers "
-                f"{crashes} times; fix the input or the function",
-                task_id=task.id,
-            )
+    async def _stop_after_cancel(self, job: Job) -> None:
+        """The caller left (any cancel scope): stop the work, and wait until it is stopped
+        (a process worker killed and reaped) before the cancellation goes on."""
+        dispatch = self._dispatch
+        runtime = self._runtime
+        assert dispatch is not None and runtime is not None
+        with anyio.CancelScope(shield=True):
+            job.waiter = runtime.waiter()
+            dispatch.stop(job, "cancelled")
+            if job.state is not JobState.DONE:
+                with anyio.move_on_after(_STOP_WAIT):
+                    await job.waiter.wait()
 
-    def _note_crash(self, job: Job) -> None:
-        key = _digest(job.payload)
-        self._crashes[key] = (self._crashes.get(key, (0, 0.0))[0] + 1, time.monotonic())
-        self._crashes.move_to_end(key)
-        while len(self._crashes) > 1024:
-            self._crashes.popitem(last=False)
+    async def _with_async_progress(
+        self, sub: Submission, retry: Retry | None, callback: Callable[[Progress], Awaitable[Any]]
+    ) -> Any:
+        send, receive = anyio.create_memory_object_stream[Progress](math.inf)
 
-    def _pickle_call(self, task: Task, out_of_band: bool) -> bytes | wire.Payload:
+        async def deliver() -> None:
+            async with receive:
+                async for event in receive:
+                    try:
+                        await callback(event)
+                    except Exception:
+                        log.exception("offload: an on_progress callback raised")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(deliver)
+            try:
+                with send:
+                    return await self._attempts(_replace(sub, on_progress=send.send_nowait), retry)
+            except BaseException:
+                tg.cancel_scope.cancel()
+                raise
+
+    def _inline(
+        self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None, flow: str,
+        name: str, priority: Priority, task_id: str | None,
+    ) -> Any:
+        """Run a tiny task on this thread (its stats and ``on_task_done`` as any other)."""
+        dispatch = self._dispatch
+        assert dispatch is not None
+        started = time.perf_counter()
         try:
-            call = (task.fn, task.args, dict(task.kwargs))
-            # Buffers are looked for in the arguments and their items, if there may be any.
-            scan = wire.may_hold_buffers(task.args) or wire.may_hold_buffers(task.kwargs.values())
-            payload = wire.encode(call, out_of_band, depth=3 if scan else 0)
+            result = fn(*args, **kwargs) if kwargs else fn(*args)
         except Exception as exc:
-            raise NotSerializable(
-                f"the task's function or arguments cannot be pickled: {type(exc).__name__}: "
-                f"{_first_line(exc)}; use module-level functions and picklable arguments",
-                task_id=task.id,
-            ) from None
+            dispatch.record_inline(name, flow, task_id, priority,
+                                   time.perf_counter() - started, exc)
+            raise
+        dispatch.record_inline(name, flow, task_id, priority, time.perf_counter() - started, None)
+        return result
+
+    async def _encode(
+        self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
+        task_id: str | None,
+    ) -> bytes | codec.Payload:
+        """The pickled call; big buffers out of band, copied off the loop when big."""
+        call = (fn, args, kwargs or {})
+        scan = codec.may_hold_buffers(args) or (
+            kwargs is not None and codec.may_hold_buffers(kwargs.values())
+        )
+        out_of_band = self._out_of_band
+        depth = 3 if scan else 0
+
+        def encode() -> bytes | codec.Payload:
+            try:
+                return codec.encode(call, out_of_band, depth=depth)
+            except Exception as exc:
+                raise NotSerializable(
+                    f"the task's function or arguments cannot be pickled: {type(exc).__name__}"
+                    f": {_first_line(exc)}; use module-level functions and picklable arguments",
+                    task_id=task_id,
+                ) from None
+
+        if scan and codec.big_buffer_bytes(args, 2) >= OFFLOOP_BYTES:
+            payload = await anyio.to_thread.run_sync(encode)
+        else:
+            payload = encode()
         if len(payload) > self.max_payload:
             raise PayloadTooLarge(
                 f"the arguments are {len(payload)} bytes pickled, over max_payload="
                 f"{self.max_payload}; send less (e.g. a file path), or raise max_payload",
-                task_id=task.id,
+                task_id=task_id,
             )
         return payload
 
-    def _on_deadline(self, job: Job, pool: Backend) -> None:
-        job.deadline_handle = None
-        if job.state is not JobState.DONE:
-            pool.stop(job, "timeout")
+    # -- map and stream ------------------------------------------------------------------------
 
-    # -- outcomes (the pools' Ledger) ------------------------------------------------------
+    def map(
+        self,
+        fn: Callable[[T], R],
+        iterable: Iterable[T] | AsyncIterable[T],
+        *,
+        ordered: bool = True,
+        chunksize: int | None = None,
+        max_in_flight: int | None = None,
+        priority: PriorityLike = Priority.NORMAL,
+        timeout: float | None = None,
+        progress: bool = False,
+    ) -> AsyncIterator[R]:
+        """Apply ``fn`` to each item of ``iterable`` on the workers, yielding the results.
 
-    def timeout_error(self, job: Job) -> TaskTimeout:
-        where = "waiting in the queue" if job.state is JobState.QUEUED else "running"
-        return TaskTimeout(
-            f"{job.name} did not finish within its {job.timeout:g} s deadline (it was {where})",
-            task_id=job.task_id,
+        >>> async for digest in wm.map(sha256_hex, blobs):  # doctest: +SKIP
+        ...     print(digest)
+
+        The iterable (sync or async) is read lazily: at most ``max_in_flight`` items
+        (default: 16 per worker) are in flight at once, so a generator of ten million items
+        never materialises. Items go out in chunks of ``chunksize`` (``None``: adaptive, from
+        the measured run time, so that a chunk is about a millisecond of work). Results come
+        in input order, or as they complete with ``ordered=False``. ``timeout`` is per item.
+        Leaving the loop early (``break``, a cancellation, or an item's exception) stops the
+        rest: nothing of it keeps running. An item's exception is raised at its place, with
+        its index in a note. ``progress=True`` shows a progress bar on a terminal (needs
+        ``rich``, the ``web`` extra).
+        """
+        from ._map import map_results
+
+        return map_results(
+            self, fn, iterable, ordered=ordered, chunksize=chunksize,
+            max_in_flight=max_in_flight, priority=_priority(priority, None),
+            timeout=None if timeout is None else _timeout(timeout, None), progress=progress,
         )
 
-    def settle(
-        self, job: Job, *, result: Any = None, error: BaseException | None = None, run: float = 0.0
-    ) -> None:
-        """Give ``job`` its one outcome (later calls for the same job do nothing)."""
-        if job.state is JobState.DONE:
-            return
-        if job.state is JobState.QUEUED:
-            self._pools[job.route].queue.discard(job)
-        job.state = JobState.DONE
-        if job.deadline_handle is not None:
-            job.deadline_handle.cancel()
-            job.deadline_handle = None
-        stats = self._stats
-        future = job.future
-        wait = max(0.0, time.perf_counter() - job.submitted_at - run)
-        if error is None:
-            stats.completed += 1
-            stats.timing(wait, run)
-            if not future.done():
-                future.set_result(result)
-        else:
-            if isinstance(error, TaskTimeout):
-                stats.timed_out += 1
-            elif isinstance(error, asyncio.CancelledError):
-                stats.cancelled += 1
-            elif isinstance(error, WorkerCrashed):
-                stats.crashed += 1
-                self._note_crash(job)
-            elif isinstance(error, ManagerClosed):
-                stats.shutdown += 1
-            else:
-                stats.failed += 1
-                stats.timing(wait, run)
-            if not future.done():
-                if isinstance(error, asyncio.CancelledError):
-                    future.cancel()
-                else:
-                    future.set_exception(error)  # _outcome never hands over a StopIteration
-        self._outstanding -= 1
-        if not self._outstanding and self._drained is not None:
-            self._drained.set()
-        if self._on_task_done is not None:
-            self._report(job, error, wait, run)
+    def stream(
+        self,
+        gen_fn: Callable[..., Iterable[T]],
+        *args: Any,
+        priority: PriorityLike = Priority.NORMAL,
+        timeout: float | None = None,
+        buffer: int = 16,
+    ) -> Any:
+        """Run a generator function on a worker and receive its items as they are made.
 
-    def _report(self, job: Job, error: BaseException | None, wait: float, run: float) -> None:
-        if error is None:
-            outcome = "ok"
-        elif isinstance(error, OffloadError):
-            outcome = error.code
-        elif isinstance(error, asyncio.CancelledError):
-            outcome = "CANCELLED"
-        else:
-            outcome = type(error).__name__
-        record = TaskRecord(
-            job.seq, job.task_id, job.name, job.priority.name.lower(), job.route, outcome, wait, run
+        >>> async with wm.stream(export_rows, query, buffer=16) as rows:  # doctest: +SKIP
+        ...     async for row in rows:
+        ...         await send(row)
+
+        The worker pauses once ``buffer`` items wait unconsumed (backpressure). Leaving the
+        block (``break``, a cancellation, an exception) closes the generator in the worker
+        (``GeneratorExit``: its ``finally`` runs); one that does not stop within the
+        interrupt grace is stopped as on a timeout. ``timeout`` covers the whole stream. An
+        exception in the generator is raised here after the items before it. Big items travel
+        through shared memory, as results do.
+        """
+        from ._stream import open_stream
+
+        if self._dispatch is None or self._state is not _State.RUNNING:
+            self._refuse(None)
+        if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+            raise ValueError(f"buffer must be an int >= 1, not {buffer!r}")
+        return open_stream(
+            self, gen_fn, args, _priority(priority, None),
+            None if timeout is None else _timeout(timeout, None), buffer,
         )
-        try:
-            assert self._on_task_done is not None
-            self._on_task_done(record)
-        except Exception:
-            log.exception("offload: on_task_done raised")
 
-    def _count_restart(self) -> None:
-        self._stats.worker_restarts += 1
-
-    def _count_recycle(self) -> None:
-        self._stats.worker_recycles += 1
-
-    # -- observing -------------------------------------------------------------------------
+    # -- observing -----------------------------------------------------------------------------
 
     def stats(self) -> Stats:
-        """A frozen snapshot of counters, queue lengths and wait/run percentiles."""
-        queued = dict.fromkeys(("high", "normal", "low"), 0)
-        workers = spares = running = 0
-        for pool in self._pools.values():
-            for priority, count in pool.queue.counts().items():
-                queued[priority.name.lower()] += count
-            workers += pool.ready_workers
-            spares += pool.ready_spares
-            running += pool.holding
-        return self._stats.snapshot(self.kind, workers, spares, running, queued)
+        """A frozen snapshot of counters, queue lengths, pool size and wait/run percentiles."""
+        if self._dispatch is None:
+            from ._stats import StatsRecorder
+
+            return StatsRecorder().snapshot(self.kind, 0, 0, 0, {})
+        return self._dispatch.snapshot(self.kind)
+
+    def worker_statistics(self) -> list[WorkerInfo]:
+        """A frozen ``WorkerInfo`` per worker: state, tasks done, failures, current task and
+        how long it has run, resident memory (processes), start and last activity."""
+        return [info for backend in self._backends.values()
+                for info in backend.worker_statistics()]
 
     def worker_pids(self) -> list[int]:
         """The process ids of this manager's live process workers (for tests and monitoring)."""
-        return [pid for pool in self._pools.values() for pid in pool.worker_pids()]
+        return [pid for backend in self._backends.values() for pid in backend.worker_pids()]
+
+
+def _replace(sub: Submission, **changes: Any) -> Submission:
+    import dataclasses
+
+    return dataclasses.replace(sub, **changes)
+
+
+def _priority(value: object, task_id: str | None) -> Priority:
+    try:
+        return coerce_priority(value)
+    except InvalidTask as exc:
+        exc.task_id = task_id
+        raise
+
+
+def _timeout(value: object, task_id: str | None, name: str = "timeout") -> float | None:
+    try:
+        return coerce_timeout(value, name)
+    except InvalidTask as exc:
+        exc.task_id = task_id
+        raise
+
+
+def _retry(value: object, task_id: str | None) -> Retry | None:
+    from ._task import coerce_retry
+
+    try:
+        return coerce_retry(value)
+    except InvalidTask as exc:
+        exc.task_id = task_id
+        raise
+
+
+def _grace(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"grace must be a number of seconds >= 0, not {value!r}")
+    return float(value)
 
 
 def _main_reference() -> tuple[str, str] | None:
@@ -582,15 +829,18 @@ def _main_reference() -> tuple[str, str] | None:
     return None
 
 
-def _digest(payload: bytes | wire.Payload) -> bytes:
-    if isinstance(payload, bytes):
-        return hashlib.blake2b(payload, digest_size=16).digest()
-    digest = hashlib.blake2b(payload.data, digest_size=16)
-    for buffer in payload.buffers:
-        digest.update(buffer)
-    return digest.digest()
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc)
     return text.splitlines()[0] if text else ""
+
+
+def _first(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _first_base() -> BaseException | None:
+    return sys.exc_info()[1]
+

@@ -6,10 +6,10 @@ import pickle
 import sys
 from typing import Any
 
-from . import _worker as wire
+from ._offload_worker import protocol as p
 from .errors import NotSerializable, PayloadTooLarge, TaskFailed, UnsupportedKind
 
-__all__ = ("RemoteTraceback", "decode_answer")
+__all__ = ("RemoteTraceback", "alias_main", "decode", "loads")
 
 
 class RemoteTraceback(Exception):
@@ -36,11 +36,13 @@ def alias_main() -> None:
         sys.modules.setdefault("__mp_main__", main)
 
 
-def decode_answer(
-    tag: int, payload: memoryview, kind: str, task_id: str | None, buffers: list[Any] | None = None
+def decode(
+    tag: int, payload: memoryview | bytes, kind: str, task_id: str | None,
+    buffers: list[Any] | None = None,
 ) -> Any:
-    """The result for ``tag``/``payload`` (and its out-of-band ``buffers``), or the error."""
-    if tag == wire.OK:
+    """The result for an answer ``tag``/``payload`` (and its out-of-band ``buffers``); raises
+    the task's exception or the error that stands for it."""
+    if tag == p.OK or tag == p.ITEM:
         try:
             return loads(payload, buffers)
         except BaseException as exc:  # the result's own code ran here: it must not escape
@@ -48,14 +50,14 @@ def decode_answer(
                 f"the result could not be unpickled here: {type(exc).__name__}: {exc}",
                 task_id=task_id,
             ) from None
-    if tag in (wire.RAISED, wire.LOAD_FAILED):
-        raise _rebuild(pickle.loads(payload), tag, kind, task_id)
-    if tag == wire.RESULT_NOT_SERIALIZABLE:
+    if tag == p.RAISED or tag == p.LOAD_FAILED:
+        raise rebuild(pickle.loads(payload), tag, kind, task_id)
+    if tag == p.RESULT_NOT_SERIALIZABLE:
         type_name, message = pickle.loads(payload)
         raise NotSerializable(
             f"the result could not be pickled: {type_name}: {message}", task_id=task_id
         )
-    if tag == wire.RESULT_TOO_LARGE:
+    if tag == p.RESULT_TOO_LARGE:
         size = pickle.loads(payload)
         raise PayloadTooLarge(
             f"the result is {size} bytes pickled, over the manager's max_payload; "
@@ -65,9 +67,10 @@ def decode_answer(
     raise TaskFailed(f"unexpected answer tag {tag} from the worker", task_id=task_id)
 
 
-def _rebuild(
+def rebuild(
     info: tuple[bytes | None, str, str, str], tag: int, kind: str, task_id: str | None
 ) -> BaseException:
+    """The exception a task raised (or ``TaskFailed`` standing for it)."""
     exc_bytes, type_name, message, tb = info
     if kind == "interpreter" and "ImportError" in type_name and _refuses_subinterpreters(message):
         return UnsupportedKind(
@@ -82,11 +85,11 @@ def _rebuild(
             exc = loads(exc_bytes)
         except BaseException:
             exc = None
-    if not isinstance(exc, Exception) or isinstance(exc, StopIteration):
+    if not isinstance(exc, Exception) or isinstance(exc, StopIteration | StopAsyncIteration):
         # Not rebuildable here, a BaseException (SystemExit, KeyboardInterrupt) that must not
         # escape into the caller's event loop as itself, or a StopIteration (which a future
         # cannot carry: it would end the awaiting coroutine's frame).
-        what = "could not be loaded" if tag == wire.LOAD_FAILED else "raised"
+        what = "could not be loaded" if tag == p.LOAD_FAILED else "raised"
         failed = TaskFailed(
             f"the task {what}: {type_name}: {message}",
             task_id=task_id,

@@ -11,7 +11,8 @@ from typing import Any
 
 from ._manager import WorkerManager
 from ._stats import TaskRecord
-from ._task import Task, task
+from ._registry import task
+from ._task import Task
 from .errors import OffloadError
 
 

@@ -3,17 +3,24 @@
 The tree::
 
     OffloadError
+    │   refused before anything was reserved
     ├── QueueFull          QUEUE_FULL           the bounded queue said no (also queue.Full)
+    │   └── WouldTimeOut   WOULD_TIME_OUT       the work ahead means it could not start in time
+    ├── ManagerClosed      SHUTDOWN             submitted after shutdown, or cancelled by it
+    ├── NotStarted         NOT_STARTED          the manager was never started (a programming error)
+    ├── InvalidTask        INVALID_TASK         a malformed task (bad priority, timeout, ...)
+    ├── UnknownTask        UNKNOWN_TASK         a dict task names no registered type
+    ├── NotSerializable    NOT_SERIALIZABLE     an argument or result cannot be pickled
+    ├── PayloadTooLarge    PAYLOAD_TOO_LARGE    an argument or result is over the payload limit
+    ├── UnsupportedKind    UNSUPPORTED_KIND     the kind can't run here, or can't run this task
+    ├── NoCurrentManager   NO_CURRENT_MANAGER   current_manager() found none (also LookupError)
+    ├── MainGuardMissing   MAIN_GUARD_MISSING   the script starts a manager when a worker loads it
+    │   failed while running
     ├── TaskTimeout        TIMEOUT              the deadline passed (also TimeoutError)
     ├── TaskFailed         WORKER_ERROR         the task raised; its exception can't be rebuilt
     ├── WorkerCrashed      WORKER_CRASHED       the worker died while running the task
     │   └── PoisonTask     POISON_TASK          refused: the same task crashed workers before
-    ├── NotSerializable    NOT_SERIALIZABLE     an argument or result cannot be pickled
-    ├── PayloadTooLarge    PAYLOAD_TOO_LARGE    an argument or result is over the payload limit
-    ├── UnknownTask        UNKNOWN_TASK         a dict task names no registered type
-    ├── InvalidTask        INVALID_TASK         a malformed task (bad priority, timeout, ...)
-    ├── ManagerClosed      SHUTDOWN             submitted after shutdown, or cancelled by it
-    ├── UnsupportedKind    UNSUPPORTED_KIND     the kind can't run here, or can't run this task
+    │   start-up, and the built-in tasks
     ├── WorkerStartFailed  WORKER_START_FAILED  a worker failed its start-up handshake
     ├── InvalidInput       INVALID_INPUT        a built-in got corrupt or unsupported input
     ├── DecryptFailed      DECRYPT_FAILED       wrong key, tampered or truncated ciphertext
@@ -40,8 +47,11 @@ __all__ = (
     "DecryptFailed",
     "InvalidInput",
     "InvalidTask",
+    "MainGuardMissing",
     "ManagerClosed",
+    "NoCurrentManager",
     "NotSerializable",
+    "NotStarted",
     "OffloadError",
     "OutputTooLarge",
     "PayloadTooLarge",
@@ -53,6 +63,7 @@ __all__ = (
     "UnsupportedKind",
     "WorkerCrashed",
     "WorkerStartFailed",
+    "WouldTimeOut",
 )
 
 
@@ -85,6 +96,27 @@ class QueueFull(OffloadError, queue.Full):
     """The queue holds ``max_queue`` tasks already; nothing was reserved. Retry later."""
 
     code = "QUEUE_FULL"
+
+
+class WouldTimeOut(QueueFull):
+    """Refused at once: by the run times measured on this manager, the work ahead of the task
+    would not let it start in time for its deadline (or its ``max_wait``). Nothing was
+    reserved. ``retry_after`` (seconds) is when the work ahead should be done."""
+
+    code = "WOULD_TIME_OUT"
+
+    def __init__(
+        self, message: str = "", *, task_id: str | None = None, retry_after: float = 1.0
+    ) -> None:
+        super().__init__(message, task_id=task_id)
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_would, (self.message, self.task_id, self.retry_after))
+
+
+def _rebuild_would(message: str, task_id: str | None, retry_after: float) -> WouldTimeOut:
+    return WouldTimeOut(message, task_id=task_id, retry_after=retry_after)
 
 
 class TaskTimeout(OffloadError, TimeoutError):
@@ -174,6 +206,27 @@ class ManagerClosed(OffloadError):
     code = "SHUTDOWN"
 
 
+class NotStarted(OffloadError, RuntimeError):
+    """The manager was never started: use ``async with WorkerManager(...) as wm:`` (or
+    ``await wm.start()``) before submitting. A programming error, not a busy server."""
+
+    code = "NOT_STARTED"
+
+
+class NoCurrentManager(OffloadError, LookupError, RuntimeError):
+    """``offload.current_manager()`` found no manager (a ``LookupError`` and a
+    ``RuntimeError`` too)."""
+
+    code = "NO_CURRENT_MANAGER"
+
+
+class MainGuardMissing(OffloadError, RuntimeError):
+    """A worker loading your script (to find a task defined in it) found that the script
+    starts a manager at import time: put that code under ``if __name__ == "__main__":``."""
+
+    code = "MAIN_GUARD_MISSING"
+
+
 class UnsupportedKind(OffloadError):
     """The worker kind is not available here, or cannot run this task."""
 
@@ -202,3 +255,13 @@ class OutputTooLarge(OffloadError):
     """A decompression would produce more than its ``max_output_size``."""
 
     code = "OUTPUT_TOO_LARGE"
+
+
+for _cls in (
+    OffloadError, QueueFull, WouldTimeOut, TaskTimeout, TaskFailed, WorkerCrashed, PoisonTask,
+    NotSerializable, PayloadTooLarge, UnknownTask, InvalidTask, ManagerClosed, NotStarted,
+    NoCurrentManager, MainGuardMissing, UnsupportedKind, WorkerStartFailed, InvalidInput,
+    DecryptFailed, OutputTooLarge,
+):
+    _cls.__module__ = "offload"
+del _cls

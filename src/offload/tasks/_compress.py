@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from .._task import task
+from .._registry import task
 from ..errors import InvalidInput, OutputTooLarge
 from ._common import NEEDS_ZSTANDARD, PROCESS_KINDS, as_bytes, check_int, optional_import, unpack
 

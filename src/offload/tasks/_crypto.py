@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Final, Literal, overload
 
-from .._task import task
+from .._registry import task
 from ..errors import DecryptFailed, InvalidInput
 from ._common import (
     NEEDS_CRYPTOGRAPHY,

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final, TypeAlias, TypeVar
 
-from .._task import prepare_in_caller, task
+from .._registry import prepare_in_caller, task
 from ..errors import InvalidInput
 from ._common import unpack
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, Literal, TypedDict
 
-from .._task import task
+from .._registry import task
 from ..errors import InvalidInput
 from ._common import (
     NEEDS_CRYPTOGRAPHY,
