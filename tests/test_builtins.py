@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import offload.tasks as t
 from offload import InvalidInput, OffloadError
-from offload._task import registered
+from offload._registry import registered
 
 # --- keys ---------------------------------------------------------------------------------
 
@@ -493,7 +493,7 @@ SUBINTERPRETER_PROBE = """
 import gzip, json
 import offload.tasks
 from offload import UnsupportedKind
-from offload._task import registered, registered_names
+from offload._registry import registered, registered_names
 
 samples = {
     "jwt:sign": {"claims": {}, "key": "k" * 32},

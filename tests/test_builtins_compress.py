@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import offload.tasks as t
 from offload import InvalidInput, OutputTooLarge
-from offload._task import registered
+from offload._registry import registered
 
 MiB = 1 << 20
 GiB = 1 << 30

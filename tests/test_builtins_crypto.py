@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import offload.tasks as t
 from offload import DecryptFailed, InvalidInput, OffloadError
-from offload._task import registered
+from offload._registry import registered
 from offload.tasks._crypto import aes_gcm_open, aes_gcm_seal, scrypt
 from test_builtins import assert_no_leak
 

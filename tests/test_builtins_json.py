@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import offload.tasks as t
 from offload import InvalidInput
-from offload._task import registered
+from offload._registry import registered
 
 DOC = {"b": 1, "a": {"d": [1, {"z": None, "y": True}], "c": None}, "e": "\u00e9"}
 

@@ -50,7 +50,6 @@ from typing import Any, Final, TypeVar
 
 import pytest
 
-from . import _worker
 from ._manager import WorkerManager
 
 __all__ = ("DEFAULTS", "ManagerFactory", "worker_manager", "worker_manager_factory")
@@ -61,6 +60,7 @@ R = TypeVar("R")
 DEFAULTS: Final[dict[str, Any]] = {"workers": 2, "shutdown_grace": 5.0}
 
 _THREAD_PREFIX: Final = "offload-interpreter"
+_WORKER_MARK: Final = "offload._offload_worker.boot"  # in every process worker's command line
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -199,7 +199,7 @@ def _worker_children() -> set[int]:
     Catches workers ``worker_pids()`` does not list (spares, workers being replaced). Uses
     psutil when installed, else ``/proc``; elsewhere, only the managers' own pids are checked.
     """
-    script = _worker.__file__
+    script = _WORKER_MARK
     try:
         psutil: Any = importlib.import_module("psutil")
     except ImportError:
@@ -207,7 +207,9 @@ def _worker_children() -> set[int]:
     found = set()
     for child in psutil.Process().children():
         with contextlib.suppress(psutil.Error):
-            if child.status() != psutil.STATUS_ZOMBIE and script in child.cmdline():
+            if child.status() != psutil.STATUS_ZOMBIE and any(
+                script in part for part in child.cmdline()
+            ):
                 found.add(child.pid)
     return found
 
@@ -226,7 +228,7 @@ def _proc_worker_children(script: str) -> set[int]:
             fields = (entry / "stat").read_text().rpartition(")")[2].split()
             if fields[1] != me or fields[0] == "Z":
                 continue
-            if script in (entry / "cmdline").read_text().split("\0"):
+            if script in (entry / "cmdline").read_text():
                 found.add(int(entry.name))
     return found
 

@@ -49,6 +49,9 @@ class Handle(abc.ABC):
     def exit_note(self) -> str:
         """How it ended, for messages (``" (killed by SIGSEGV)"``), if known."""
 
+    def reaped(self) -> None:
+        """It has ended: clean up after it (kill what it left behind, join its thread)."""
+
     def rss(self) -> int | None:
         """Resident memory in bytes, where known."""
         return None
@@ -214,6 +217,11 @@ class _InterpreterHandle(Handle):
 
     def kill(self) -> None:
         pass  # an interpreter cannot be killed; the pool quarantines it instead
+
+    def reaped(self) -> None:
+        """Its thread said it is done: it is past its last line, so joining is immediate."""
+        if self.thread is not None:
+            self.thread.join(1.0)
 
     def exit_note(self) -> str:
         return f" ({self.failure.strip().splitlines()[-1]})" if self.failure.strip() else ""

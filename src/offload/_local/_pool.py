@@ -125,13 +125,7 @@ class LocalPool:
         assert self._runtime is not None
         worker = LocalWorker(self, self._kind, next(self._numbers), self._runtime, self._batch)
         self._launched.add(worker)
-        try:
-            await worker.start(
-                self._settings, self._config.worker_nice, self._config.start_timeout
-            )
-        except BaseException:
-            self._launched.discard(worker)
-            raise
+        await worker.start(self._settings, self._config.worker_nice, self._config.start_timeout)
         self.started += 1
         if self.closing:
             worker.kill() if not self._kind.interrupts else worker.quit()
@@ -207,31 +201,40 @@ class LocalPool:
         """Stop every worker: idle ones exit at once; any still running after ``grace``
         seconds are killed (processes) or abandoned (interpreters stuck in a call)."""
         self.closing = True
-        workers = [*self.active, *self.spares, *self.retiring]
         self.active, self.spares = [], []
-        self.retiring = set(w for w in workers if w.state is not WorkerState.GONE)
-        self._all_gone = anyio.Event()
-        if not self.retiring:
-            self._all_gone.set()
-        for worker in workers:
-            if worker.state is not WorkerState.GONE:
+        alive = self._alive()
+        for worker in alive:
+            if worker.state is WorkerState.STARTING:
+                worker.kill()  # a start still in progress: it has nothing to finish
+            else:
                 worker.quit()
-        with anyio.move_on_after(grace):
-            await self._all_gone.wait()
-        for worker in list(self.retiring):
+        await self._wait_gone(grace)
+        for worker in self._alive():
             worker.kill()
         # A killed process is reaped within milliseconds; an interpreter stuck in C cannot be
         # waited for: it is abandoned (it ends when its call returns, and cannot keep the
         # process alive).
-        with anyio.move_on_after(2.0):
-            while any(not w._kind.interrupts for w in self.retiring):
-                await anyio.sleep(0.01)
-        for worker in list(self.retiring):
+        await self._wait_gone(2.0, processes_only=True)
+        for worker in self._alive():
             worker.abandon()
-        stray = [w for w in self._launched if w.state is not WorkerState.GONE]
-        for worker in stray:  # a start cancelled at the wrong moment: never leak it
-            worker.kill()
-        self._launched.clear()
+        self.retiring.clear()
+
+    def _alive(self) -> list[LocalWorker]:
+        return [
+            w for w in self._launched
+            if w.state is not WorkerState.GONE and w.handle is not None and not w.exit_seen
+        ]
+
+    async def _wait_gone(self, timeout: float, processes_only: bool = False) -> None:
+        with anyio.move_on_after(timeout):
+            while True:
+                alive = self._alive()
+                if processes_only:
+                    alive = [w for w in alive if not self._kind.interrupts]
+                if not alive:
+                    return
+                self._all_gone = anyio.Event()
+                await self._all_gone.wait()
 
     def kill_all(self) -> None:
         """The event loop is ending under a running pool: end every worker now, without
@@ -384,7 +387,7 @@ class LocalPool:
             self.spares.remove(worker)
         self.retiring.discard(worker)
         self._refill()
-        if self.closing and self._all_gone is not None and not self.retiring:
+        if self._all_gone is not None:
             self._all_gone.set()
         self._capacity()
 

@@ -363,6 +363,7 @@ class LocalWorker:
         """``wire`` has its answer: it leaves the line (and its arena is free)."""
         first = next(iter(self.held))
         del self.held[wire]
+        self.batch.dirty = True  # room for more
         self._free_arena_of(wire)
         self.stopping.discard(wire)
         now = self.runtime.now()
@@ -473,6 +474,8 @@ class LocalWorker:
         if self.exit_seen:
             return
         self.exit_seen = True
+        if self.handle is not None and self.kind.interrupts:
+            self.handle.reaped()
         if self._ready is not None and not self._ready.is_set():
             self._ready.set()  # a start waiting for READY hears it failed
         self.batch.begin()
