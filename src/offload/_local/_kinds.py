@@ -40,6 +40,10 @@ class Handle(abc.ABC):
 
     pid: int | None = None
     exited = False
+    #: The shared memfds' numbers as the worker sees them (its own copies, for a kind that
+    #: shares this process: the parent may close its numbers, and another thread reuse them,
+    #: before the worker has opened them).
+    shared: tuple[int, ...] = ()
 
     @abc.abstractmethod
     def kill(self) -> None:
@@ -141,6 +145,7 @@ class ProcessKind(LocalKind):
             process_group=0,
         )
         handle = _ProcessHandle(process)
+        handle.shared = shared
         if nice:  # the whole process, start-up included: it never competes with the loop
             with contextlib.suppress(OSError):
                 own = os.getpriority(os.PRIO_PROCESS, 0)
@@ -244,6 +249,8 @@ class InterpreterKind(LocalKind):
         global _atexit_registered
         handle = _InterpreterHandle()
         code = boot.interpreter_boot(*fds)
+        copies = tuple(os.dup(fd) for fd in shared)  # the host thread owns and closes these
+        handle.shared = copies
         own = _own_nice()
 
         def host() -> None:
@@ -266,6 +273,7 @@ class InterpreterKind(LocalKind):
                     interpreter.close()
             finally:
                 _close_all(fds)
+                _close_all(copies)
                 handle.exited = True
                 with _hosts_lock:
                     _hosts.discard(threading.current_thread())

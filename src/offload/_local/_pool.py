@@ -251,7 +251,7 @@ class LocalPool:
         """Take ``ticket`` now if a worker has room: an idle one, else (short work) a busy one
         with little work ahead."""
         for worker in self.active:
-            if not worker.held:
+            if not worker.held and worker.state is WorkerState.READY:
                 self._send(worker, ticket)
                 return True
         cost = ticket.cost
@@ -261,7 +261,7 @@ class LocalPool:
             best: LocalWorker | None = None
             best_ahead = PARK_BUDGET
             for worker in self.active:
-                if len(worker.held) < MAX_DEPTH:
+                if len(worker.held) < MAX_DEPTH and worker.state is WorkerState.READY:
                     ahead = worker.ahead(now)
                     if ahead <= best_ahead:
                         best, best_ahead = worker, ahead

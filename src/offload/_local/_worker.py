@@ -129,11 +129,8 @@ class LocalWorker:
         if not self.kind.owns_fds:
             for fd in child:
                 os.close(fd)
-        init = {
-            **settings,
-            "ring": shared[0] if shared else None,
-            "arenas": shared[1:],
-        }
+        seen = self.handle.shared
+        init = {**settings, "ring": seen[0] if seen else None, "arenas": seen[1:]}
         self.connection.send(0, protocol.INIT, pickle.dumps(init, protocol.PICKLE_PROTOCOL))
         try:
             with anyio.fail_after(timeout):
@@ -478,29 +475,31 @@ class LocalWorker:
             self.handle.reaped()
         if self._ready is not None and not self._ready.is_set():
             self._ready.set()  # a start waiting for READY hears it failed
+        was = self.state
+        self.state = WorkerState.GONE  # it takes nothing from now on
         self.batch.begin()
         try:
             if self.connection is not None:
                 self.connection.read_available()  # doorbells and answers sent before the end
             self._read_ring()
             self._settle_held()
+            self.pool.gone(self, was)
         finally:
             self.batch.end()
             self._close_all()
-            was = self.state
-            self.state = WorkerState.GONE
-            self.pool.gone(self, was)
 
     def _settle_held(self) -> None:
+        """After the end: the ticket it was running was lost (unless it was killed to stop
+        it); every other ticket it held never started and goes back."""
         current = self.current()
         note = self.handle.exit_note() if self.handle is not None else ""
         for wire, ticket in list(self.held.items()):
-            del self.held[wire]
+            self._forget(wire, ticket)
             if wire in self.absorbed:
                 continue
             if wire in self.killed_for:
                 outcome = Outcome(OutcomeKind.STOPPED)
-            elif wire == current and not self.killed_for and self.state is not WorkerState.GONE:
+            elif wire == current and not self.killed_for:
                 self.failures += 1
                 outcome = Outcome(OutcomeKind.LOST, note=note)
             else:
