@@ -43,6 +43,7 @@ Where the manager is:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import MappingProxyType
@@ -59,7 +60,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environm
 
 from ._context import use_manager
 from ._manager import WorkerManager
-from .errors import OffloadError
+from .errors import OffloadError, WouldTimeOut
 
 __all__ = (
     "MESSAGES",
@@ -88,6 +89,7 @@ STATUS_BY_CODE: Final[Mapping[str, int]] = MappingProxyType(
     {
         # Transient: the client may retry (503s carry Retry-After).
         "QUEUE_FULL": 503,
+        "WOULD_TIME_OUT": 503,  # it could not start in time: Retry-After from the estimate
         "SHUTDOWN": 503,  # this instance is draining; another one (or this one later) can serve
         "TIMEOUT": 504,
         # What the client sent: a task type, task or input taken from the request.
@@ -105,6 +107,7 @@ STATUS_BY_CODE: Final[Mapping[str, int]] = MappingProxyType(
 MESSAGES: Final[Mapping[str, str]] = MappingProxyType(
     {
         "QUEUE_FULL": "The server is busy; retry later.",
+        "WOULD_TIME_OUT": "The server is too busy to finish this in time; retry later.",
         "SHUTDOWN": "The server is shutting down; retry later.",
         "TIMEOUT": "The work did not finish within its deadline.",
         "INVALID_TASK": "The request does not describe a valid task.",
@@ -146,11 +149,11 @@ def lifespan(
     The options are checked here (a typo fails at import, not at startup). Each time the
     app starts it gets a fresh manager.
     """
-    WorkerManager(**manager_options)  # validate now; nothing starts until the app does
+    config = WorkerManager(**manager_options).config  # checked now, once; nothing starts yet
 
     @asynccontextmanager
     async def run(app: AppT) -> AsyncIterator[dict[str, Any]]:
-        async with WorkerManager(**manager_options) as wm:
+        async with WorkerManager.from_config(config) as wm:
             with use_manager(wm):
                 if app_lifespan is None:
                     yield {STATE_KEY: wm}
@@ -212,18 +215,23 @@ class OffloadMiddleware:
             await self.app(scope, receive, send)
 
 
-def error_response(exc: BaseException, *, retry_after: int = RETRY_AFTER) -> JSONResponse:
+def error_response(exc: BaseException, *, retry_after: int | None = None) -> JSONResponse:
     """The JSON response for ``exc``: ``{"error": {"code": ..., "message": ...}}``.
 
     >>> error_response(offload.QueueFull("42 waiting")).headers["retry-after"]  # doctest: +SKIP
     '1'
 
     The status comes from ``STATUS_BY_CODE`` (else 500), the message from ``MESSAGES``
-    (else a generic one): never from ``str(exc)``, which may quote secrets.
+    (else a generic one): never from ``str(exc)``, which may quote secrets. A 503 carries
+    ``Retry-After``: ``retry_after`` if given, else the estimate a ``WouldTimeOut`` carries
+    (whole seconds, rounded up), else ``RETRY_AFTER``.
     """
     code = exc.code if isinstance(exc, OffloadError) else "INTERNAL_ERROR"
     status = STATUS_BY_CODE.get(code, 500)
     message = MESSAGES.get(code, _INTERNAL_MESSAGE)
+    if retry_after is None:
+        estimate = getattr(exc, "retry_after", None) if isinstance(exc, WouldTimeOut) else None
+        retry_after = max(1, math.ceil(estimate)) if estimate else RETRY_AFTER
     headers = {"Retry-After": str(retry_after)} if status == 503 else None
     return JSONResponse(
         {"error": {"code": code, "message": message}}, status_code=status, headers=headers
@@ -240,6 +248,10 @@ async def handle_offload_error(request: Request, exc: Exception) -> Response:
     ===========================================================  ======  ====================
     ``QUEUE_FULL``                                               503     busy: retry (with
                                                                          ``Retry-After: 1``)
+    ``WOULD_TIME_OUT``                                           503     could not start in
+                                                                         time: retry after
+                                                                         the estimate
+    ``NOT_STARTED`` (the manager was never started)              500     a programming error
     ``SHUTDOWN``                                                 503     draining: retry
     ``TIMEOUT``                                                  504     the deadline passed
     ``INVALID_TASK``, ``UNKNOWN_TASK``, ``INVALID_INPUT``,       400     the request's data
