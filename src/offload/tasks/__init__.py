@@ -12,8 +12,10 @@ type                       function                                    worker ki
                                                                        process, dask)
 ``crypto:encrypt``         :func:`encrypt`                             process, dask
 ``crypto:decrypt``         :func:`decrypt`                             process, dask
-``compress:zstd``          :func:`compress_zstd`                       process, dask
-``decompress:zstd``        :func:`decompress_zstd`                     process, dask
+``compress:zstd``          :func:`compress_zstd`                       all on 3.14+ (stdlib
+                                                                       zstd); before:
+                                                                       process, dask
+``decompress:zstd``        :func:`decompress_zstd`                     as compress:zstd
 ``compress:gzip``          :func:`compress_gzip`                       all
 ``decompress:gzip``        :func:`decompress_gzip`                     all
 ``json:transform``         :func:`json_transform`                      all
@@ -25,14 +27,15 @@ each function is also a plain, picklable callable for ``wm.run``::
     encoded = await wm.run(offload.tasks.hash_password, "hunter2")
     ok = await wm.run(offload.tasks.verify_password, "hunter2", encoded)
 
-Importing this package is cheap: ``jwt``, ``cryptography`` and ``zstandard`` are imported
-only when a task runs.
+Importing this package is cheap: ``jwt``, ``cryptography``, ``zstandard`` and
+``compression.zstd`` are imported only when a task runs.
 """
 
 from __future__ import annotations
 
 from ._compress import (
     DEFAULT_MAX_OUTPUT_SIZE,
+    STDLIB_ZSTD,
     compress_gzip,
     compress_zstd,
     decompress_gzip,
@@ -56,6 +59,7 @@ __all__ = (
     "HASH_ALGORITHMS",
     "JSONValue",
     "JWT_ALGORITHMS",
+    "STDLIB_ZSTD",
     "JwtReason",
     "JwtVerifyResult",
     "compress_gzip",

@@ -31,7 +31,8 @@ NEEDS_CRYPTOGRAPHY: Final = (
     "it needs 'cryptography', whose Rust extension refuses to load in an isolated subinterpreter"
 )
 NEEDS_ZSTANDARD: Final = (
-    "it needs 'zstandard', whose C extension refuses to load in an isolated subinterpreter; "
+    "before Python 3.14 it needs 'zstandard', whose C extension refuses to load in an isolated "
+    "subinterpreter (3.14+ uses the stdlib's compression.zstd, which loads anywhere); "
     "compress:gzip/decompress:gzip run anywhere"
 )
 _REMEDY: Final = (
