@@ -3,8 +3,12 @@
 =========================  ==========================================  ==================
 type                       function                                    worker kinds
 =========================  ==========================================  ==================
-``jwt:sign``               :func:`jwt_sign`                            process, dask
-``jwt:verify``             :func:`jwt_verify`                          process, dask
+``jwt:sign``               :func:`jwt_sign`                            all (RS256, ES256,
+                                                                       EdDSA: process,
+                                                                       dask)
+``jwt:verify``             :func:`jwt_verify`                          all (RS256, ES256,
+                                                                       EdDSA allowed:
+                                                                       process, dask)
 ``crypto:hash``            :func:`digest`                              all
 ``crypto:hash_password``   :func:`hash_password`                       all (argon2id:
                                                                        process, dask)
@@ -51,14 +55,24 @@ from ._crypto import (
     verify_password,
 )
 from ._json import JSONValue, json_transform, json_transformer, transformer_names
-from ._jwt import JWT_ALGORITHMS, JwtReason, JwtVerifyResult, jwt_sign, jwt_verify
+from ._jwt import (
+    HMAC_MIN_KEY_BYTES,
+    JWT_ALGORITHMS,
+    RSA_MIN_KEY_BITS,
+    JwtReason,
+    JwtVerifyResult,
+    jwt_sign,
+    jwt_verify,
+)
 
 __all__ = (
     "DEFAULT_MAX_OUTPUT_SIZE",
     "ENVELOPE_HEADER",
     "HASH_ALGORITHMS",
+    "HMAC_MIN_KEY_BYTES",
     "JSONValue",
     "JWT_ALGORITHMS",
+    "RSA_MIN_KEY_BITS",
     "STDLIB_ZSTD",
     "JwtReason",
     "JwtVerifyResult",

@@ -37,7 +37,8 @@ NEEDS_ZSTANDARD: Final = (
 )
 _REMEDY: Final = (
     "use a WorkerManager(kind='process'); an interpreter manager with process_workers routes "
-    "only the process-only dict task types (jwt:*, crypto:encrypt/decrypt, *:zstd) to them"
+    "only the dict tasks that need a process to them (jwt:* with RS256/ES256/EdDSA, argon2id, "
+    "crypto:encrypt/decrypt, and *:zstd before Python 3.14)"
 )
 
 
