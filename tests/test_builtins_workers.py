@@ -128,10 +128,11 @@ async def test_plain_functions_run_with_wm_run() -> None:
 @pytest.mark.asyncio
 async def test_typed_facade() -> None:
     async with manager(kind="process") as wm:
+        secret384 = "s" * 48  # RFC 7518: as long as the hash output
         token = await builtins.jwt_sign(
-            wm, {"sub": "9"}, SECRET, algorithm="HS384", expires_in=30, priority="high"
+            wm, {"sub": "9"}, secret384, algorithm="HS384", expires_in=30, priority="high"
         )
-        result = await builtins.jwt_verify(wm, token, SECRET, algorithms=["HS384"], timeout=10)
+        result = await builtins.jwt_verify(wm, token, secret384, algorithms=["HS384"], timeout=10)
         assert result["valid"] is True
         assert result["claims"] is not None
         assert result["claims"]["sub"] == "9"
@@ -210,21 +211,113 @@ async def test_interpreter_manager_without_process_workers_refuses_process_only_
         frame = await builtins.compress(wm, b"g" * 100, "gzip")
         assert await builtins.decompress(wm, frame, "gzip") == b"g" * 100
         assert await builtins.json_transform(wm, "[1]", "identity") == [1]
+        token = await builtins.jwt_sign(wm, {"sub": "1"}, SECRET)
+        assert (await builtins.jwt_verify(wm, token, SECRET, algorithms=["HS256"]))["valid"]
         # What does not is refused up front, with the reason.
         cases: list[tuple[str, dict[str, Any], str]] = [
             ("crypto:hash_password", {"password": "pw", "scheme": "argon2id"}, "cryptography"),
-            ("jwt:sign", {"claims": {}, "key": SECRET}, "cryptography"),
+            ("jwt:sign", {"claims": {}, "key": SECRET, "algorithm": "RS256"}, "cryptography"),
+            (
+                "jwt:verify",
+                {"token": token, "key": SECRET, "algorithms": ["HS256", "EdDSA"]},
+                "cryptography",
+            ),
             ("crypto:encrypt", {"plaintext": b"x", "key": KEY}, "cryptography"),
-            ("compress:zstd", {"data": b"x"}, "zstandard"),
-            ("decompress:zstd", {"data": b"x"}, "zstandard"),
         ]
+        if not offload.tasks.STDLIB_ZSTD:
+            cases += [
+                ("compress:zstd", {"data": b"x"}, "zstandard"),
+                ("decompress:zstd", {"data": b"x"}, "zstandard"),
+            ]
         for type_, data, why in cases:
             with pytest.raises(UnsupportedKind, match=why) as info:
                 await run(wm, type_, data)
             assert info.value.code == "UNSUPPORTED_KIND"
-        # A plain zstd function sent with wm.run fails inside the worker, just as clearly.
-        with pytest.raises(UnsupportedKind, match="zstandard"):
-            await wm.run(offload.tasks.compress_zstd, b"x")
+        # A plain function sent with wm.run fails inside the worker, just as clearly.
+        with pytest.raises(UnsupportedKind, match="cryptography"):
+            await wm.run(offload.tasks.encrypt, b"x", KEY)
+        with pytest.raises(UnsupportedKind, match="cryptography"):
+            await wm.run(functools.partial(offload.tasks.jwt_sign, algorithm="ES256"), {}, "k")
+        if not offload.tasks.STDLIB_ZSTD:
+            with pytest.raises(UnsupportedKind, match="zstandard"):
+                await wm.run(offload.tasks.compress_zstd, b"x")
+
+
+@requires_interpreters
+@pytest.mark.asyncio
+async def test_hmac_jwt_runs_on_interpreter_workers() -> None:
+    """HS256/384/512 sign and verify in a subinterpreter (PyJWT loads there HMAC-only), and
+    the tokens are the ones a process signs: each verifies on the other side."""
+    async with manager(kind="interpreter", workers=1) as wm:
+        for alg in ("HS256", "HS384", "HS512"):
+            secret = "h" * offload.tasks.HMAC_MIN_KEY_BYTES[alg]
+            claims = {"sub": "7", "aud": "api", "n": [1, 2.5, None]}
+            token = await run(wm, "jwt:sign", {"claims": claims, "key": secret, "algorithm": alg})
+            assert token == offload.tasks.jwt_sign(claims, secret, algorithm=alg)
+            here = offload.tasks.jwt_sign(claims | {"iss": "me"}, secret, algorithm=alg)
+            verdict = await run(
+                wm,
+                "jwt:verify",
+                {"token": here, "key": secret, "algorithms": [alg], "audience": "api"},
+            )
+            assert verdict == {"valid": True, "claims": claims | {"iss": "me"}, "reason": None}
+            tampered = here[:-2] + ("AA" if not here.endswith("AA") else "BB")
+            verdict = await run(
+                wm,
+                "jwt:verify",
+                {"token": tampered, "key": secret, "algorithms": [alg], "audience": "api"},
+            )
+            assert verdict["reason"] == "invalid_signature"
+        # Bad input is refused there as anywhere, without the key.
+        with pytest.raises(InvalidInput, match="'sub'"):
+            await run(wm, "jwt:sign", {"claims": {"sub": 42}, "key": SECRET})
+        marker = "S3CRET" + uuid.uuid4().hex[:8]  # 14 bytes
+        with pytest.raises(InvalidInput, match="HS256 needs at least 32 bytes") as info:
+            await run(wm, "jwt:sign", {"claims": {}, "key": marker})
+        assert marker not in "".join(traceback.format_exception(info.value))
+        assert wm.stats().submitted == 11  # all on the one interpreter worker
+
+
+@requires_interpreters
+@pytest.mark.asyncio
+async def test_asymmetric_jwt_goes_to_the_process_workers_of_an_interpreter_manager() -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    private = ed25519.Ed25519PrivateKey.generate()
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    async with manager(kind="interpreter", workers=1, process_workers=1) as wm:
+        token = await run(
+            wm, "jwt:sign", {"claims": {"sub": "e"}, "key": pem, "algorithm": "EdDSA"}
+        )
+        verdict = await run(
+            wm, "jwt:verify", {"token": token, "key": pem, "algorithms": ["EdDSA", "HS256"]}
+        )
+        assert verdict["valid"] is True
+        hs = await run(wm, "jwt:sign", {"claims": {"sub": "h"}, "key": SECRET})
+        assert offload.tasks.jwt_verify(hs, SECRET, algorithms=["HS256"])["valid"] is True
+
+
+@requires_interpreters
+@pytest.mark.asyncio
+async def test_zstd_runs_on_interpreter_workers_with_the_stdlib_codec() -> None:
+    if not offload.tasks.STDLIB_ZSTD:
+        pytest.skip("compression.zstd (Python 3.14+) is what loads in a subinterpreter")
+    import zstandard
+
+    data = b"zstd in a subinterpreter " * 400
+    async with manager(kind="interpreter", workers=1) as wm:
+        frame = await builtins.compress(wm, data, "zstd", level=19)
+        assert zstandard.ZstdDecompressor().decompress(frame) == data
+        other = zstandard.ZstdCompressor(level=5).compress(data)
+        assert await builtins.decompress(wm, other + frame, "zstd") == data * 2
+        with pytest.raises(OutputTooLarge):
+            await builtins.decompress(wm, frame, "zstd", max_output_size=len(data) - 1)
+        with pytest.raises(InvalidInput):
+            await builtins.decompress(wm, frame + bytes(8), "zstd")
+        assert await wm.run(offload.tasks.decompress_zstd, frame) == data
 
 
 def test_auth_example_runs() -> None:

@@ -3,8 +3,12 @@
 =========================  ==========================================  ==================
 type                       function                                    worker kinds
 =========================  ==========================================  ==================
-``jwt:sign``               :func:`jwt_sign`                            process, dask
-``jwt:verify``             :func:`jwt_verify`                          process, dask
+``jwt:sign``               :func:`jwt_sign`                            all (RS256, ES256,
+                                                                       EdDSA: process,
+                                                                       dask)
+``jwt:verify``             :func:`jwt_verify`                          all (RS256, ES256,
+                                                                       EdDSA allowed:
+                                                                       process, dask)
 ``crypto:hash``            :func:`digest`                              all
 ``crypto:hash_password``   :func:`hash_password`                       all (argon2id:
                                                                        process, dask)
@@ -12,8 +16,10 @@ type                       function                                    worker ki
                                                                        process, dask)
 ``crypto:encrypt``         :func:`encrypt`                             process, dask
 ``crypto:decrypt``         :func:`decrypt`                             process, dask
-``compress:zstd``          :func:`compress_zstd`                       process, dask
-``decompress:zstd``        :func:`decompress_zstd`                     process, dask
+``compress:zstd``          :func:`compress_zstd`                       all on 3.14+ (stdlib
+                                                                       zstd); before:
+                                                                       process, dask
+``decompress:zstd``        :func:`decompress_zstd`                     as compress:zstd
 ``compress:gzip``          :func:`compress_gzip`                       all
 ``decompress:gzip``        :func:`decompress_gzip`                     all
 ``json:transform``         :func:`json_transform`                      all
@@ -25,14 +31,15 @@ each function is also a plain, picklable callable for ``wm.run``::
     encoded = await wm.run(offload.tasks.hash_password, "hunter2")
     ok = await wm.run(offload.tasks.verify_password, "hunter2", encoded)
 
-Importing this package is cheap: ``jwt``, ``cryptography`` and ``zstandard`` are imported
-only when a task runs.
+Importing this package is cheap: ``jwt``, ``cryptography``, ``zstandard`` and
+``compression.zstd`` are imported only when a task runs.
 """
 
 from __future__ import annotations
 
 from ._compress import (
     DEFAULT_MAX_OUTPUT_SIZE,
+    STDLIB_ZSTD,
     compress_gzip,
     compress_zstd,
     decompress_gzip,
@@ -48,14 +55,25 @@ from ._crypto import (
     verify_password,
 )
 from ._json import JSONValue, json_transform, json_transformer, transformer_names
-from ._jwt import JWT_ALGORITHMS, JwtReason, JwtVerifyResult, jwt_sign, jwt_verify
+from ._jwt import (
+    HMAC_MIN_KEY_BYTES,
+    JWT_ALGORITHMS,
+    RSA_MIN_KEY_BITS,
+    JwtReason,
+    JwtVerifyResult,
+    jwt_sign,
+    jwt_verify,
+)
 
 __all__ = (
     "DEFAULT_MAX_OUTPUT_SIZE",
     "ENVELOPE_HEADER",
     "HASH_ALGORITHMS",
+    "HMAC_MIN_KEY_BYTES",
     "JSONValue",
     "JWT_ALGORITHMS",
+    "RSA_MIN_KEY_BITS",
+    "STDLIB_ZSTD",
     "JwtReason",
     "JwtVerifyResult",
     "compress_gzip",

@@ -31,12 +31,14 @@ NEEDS_CRYPTOGRAPHY: Final = (
     "it needs 'cryptography', whose Rust extension refuses to load in an isolated subinterpreter"
 )
 NEEDS_ZSTANDARD: Final = (
-    "it needs 'zstandard', whose C extension refuses to load in an isolated subinterpreter; "
+    "before Python 3.14 it needs 'zstandard', whose C extension refuses to load in an isolated "
+    "subinterpreter (3.14+ uses the stdlib's compression.zstd, which loads anywhere); "
     "compress:gzip/decompress:gzip run anywhere"
 )
 _REMEDY: Final = (
     "use a WorkerManager(kind='process'); an interpreter manager with process_workers routes "
-    "only the process-only dict task types (jwt:*, crypto:encrypt/decrypt, *:zstd) to them"
+    "only the dict tasks that need a process to them (jwt:* with RS256/ES256/EdDSA, argon2id, "
+    "crypto:encrypt/decrypt, and *:zstd before Python 3.14)"
 )
 
 

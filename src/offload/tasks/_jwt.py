@@ -1,20 +1,37 @@
-"""Built-in JWT tasks (``jwt:sign``, ``jwt:verify``) on PyJWT, process workers only.
+"""Built-in JWT tasks (``jwt:sign``, ``jwt:verify``) on PyJWT.
 
-PyJWT imports ``cryptography`` when it is installed, and ``cryptography`` refuses to load in an
-isolated subinterpreter, so even ``import jwt`` fails there (HS256 included). Both types are
-declared ``kinds=("process", "dask")``.
+HS256/384/512 run on every worker kind, interpreter workers included; RS256, ES256 and EdDSA
+need ``cryptography``, whose Rust extension refuses to load in an isolated subinterpreter, so
+``kinds_for`` sends those tasks to process workers. PyJWT imports ``cryptography`` when it is
+installed and only copes with its absence (``ModuleNotFoundError``), not with a refusal to
+load: in an interpreter where ``cryptography`` refuses, the first JWT task imports PyJWT with
+``cryptography`` hidden, so PyJWT comes up HMAC-only there.
+
+Signing refuses what verification would reject: registered claims of the wrong type
+(``exp``/``nbf``/``iat`` numbers, ``iss``/``sub``/``jti`` strings, ``aud`` a string or a list
+of strings), values JSON cannot carry faithfully (NaN, infinities, non-string object keys,
+``bytes``, sets...), header fields verification refuses (``crit``, ``b64``, a non-string
+``kid``), and keys shorter than RFC 7518 allows (an HMAC secret shorter than the hash output,
+an RSA key under 2048 bits). Verification refuses such keys too, as ``InvalidInput``.
 
 Verification is strict: the caller names the allowed algorithms, ``none`` is never accepted,
 the token's algorithm must be in the allow-list and must fit the key (an RSA public key is
 never used as an HMAC secret), and ``exp``/``nbf``/``iat``/``aud``/``iss`` are checked. A bad
 token is an answer, ``{"valid": False, "reason": ...}``, not an exception; bad *arguments*
-(no allow-list, an unknown algorithm, a key that fits none of the allowed algorithms) are
-``InvalidInput``. Keys and tokens never appear in messages.
+(no allow-list, an unknown algorithm, a key that fits none of the allowed algorithms or is too
+short) are ``InvalidInput``. Keys and tokens never appear in messages.
 """
 
 from __future__ import annotations
 
+import calendar
+import contextlib
+import datetime
+import importlib
+import json
 import math
+import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -31,11 +48,27 @@ from ._common import (
     unpack,
 )
 
-__all__ = ("JWT_ALGORITHMS", "JwtReason", "JwtVerifyResult", "jwt_sign", "jwt_verify")
+__all__ = (
+    "HMAC_MIN_KEY_BYTES",
+    "JWT_ALGORITHMS",
+    "RSA_MIN_KEY_BITS",
+    "JwtReason",
+    "JwtVerifyResult",
+    "jwt_sign",
+    "jwt_verify",
+)
 
 #: The algorithms ``jwt:sign`` and ``jwt:verify`` support.
 JWT_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512", "RS256", "ES256", "EdDSA"})
 _HMAC: Final = frozenset({"HS256", "HS384", "HS512"})
+#: RFC 7518 section 3.2: an HMAC key at least as long as the hash output, in bytes.
+HMAC_MIN_KEY_BYTES: Final = {"HS256": 32, "HS384": 48, "HS512": 64}
+#: RFC 7518 section 3.3: RSA keys of 2048 bits or more.
+RSA_MIN_KEY_BITS: Final = 2048
+_TIME_CLAIMS: Final = ("exp", "nbf", "iat")
+_STRING_CLAIMS: Final = ("iss", "sub", "jti")
+_STRING_HEADERS: Final = ("kid", "typ", "cty")
+_MAX_DEPTH: Final = 64  # nesting of claim values (JSON objects and arrays)
 
 JwtReason = Literal[
     "expired",
@@ -57,8 +90,8 @@ class JwtVerifyResult(TypedDict):
 
 
 WHY_NOT_JWT: Final = (
-    "PyJWT imports 'cryptography', whose Rust extension refuses to load in an isolated "
-    "subinterpreter (so even HS256 cannot run there)"
+    "RS256, ES256 and EdDSA need 'cryptography', whose Rust extension refuses to load in an "
+    "isolated subinterpreter (HS256/384/512 run there)"
 )
 
 
@@ -76,16 +109,23 @@ def jwt_sign(
     >>> token.count(".")
     2
 
-    ``key`` is the shared secret for ``HS256``/``HS384``/``HS512`` and an unencrypted PEM
-    private key for ``RS256``, ``ES256`` (P-256) and ``EdDSA`` (Ed25519/Ed448).
-    ``expires_in`` (seconds from now; may be negative, e.g. to make an already expired
-    token for a test) sets ``exp``, and ``iat`` if absent. ``headers`` adds header
-    fields such as ``kid``; it cannot change ``alg``.
+    ``key`` is the shared secret for ``HS256``/``HS384``/``HS512`` (a ``str`` counts as its
+    UTF-8 bytes; at least 32/48/64 bytes, RFC 7518 section 3.2) and an unencrypted PEM
+    private key for ``RS256`` (RSA, at least 2048 bits), ``ES256`` (P-256) and ``EdDSA``
+    (Ed25519/Ed448). ``expires_in`` (seconds from now; may be negative, e.g. to make an
+    already expired token for a test) sets ``exp``, and ``iat`` if absent. ``headers`` adds
+    header fields such as ``kid``; it cannot change ``alg`` or set ``crit``/``b64``.
+
+    ``claims`` must be JSON that :func:`jwt_verify` accepts back unchanged: ``exp``, ``nbf``
+    and ``iat`` are numbers (not ``bool``; a ``datetime`` is turned into seconds, naive
+    meaning UTC), ``iss``, ``sub`` and ``jti`` are strings, ``aud`` is a non-empty string or
+    a non-empty list of non-empty strings; other values are ``None``, ``bool``, ``int``,
+    finite ``float``, ``str``, lists/tuples and dicts with string keys, nested at most 64
+    deep. Anything else is ``InvalidInput`` (``INVALID_INPUT``) naming the claim, as is a
+    bad algorithm, key or header.
     """
     alg = _algorithm(algorithm, "algorithm")
-    if not isinstance(claims, Mapping) or not all(isinstance(k, str) for k in claims):
-        raise InvalidInput("claims must be a dict with string keys")
-    payload = dict(claims)
+    payload = _checked_claims(claims)
     if expires_in is not None:
         if (
             isinstance(expires_in, bool)
@@ -98,23 +138,14 @@ def jwt_sign(
         now = int(time.time())
         payload.setdefault("iat", now)
         payload["exp"] = now + math.ceil(expires_in)
-    extra: dict[str, Any] | None = None
-    if headers is not None:
-        if not isinstance(headers, Mapping) or not all(isinstance(k, str) for k in headers):
-            raise InvalidInput("headers must be a dict with string keys")
-        if headers.get("alg", alg) != alg:
-            raise InvalidInput("headers cannot override 'alg'; use algorithm=")
-        extra = {k: v for k, v in headers.items() if k != "alg"}
+    extra = None if headers is None else _checked_headers(headers, alg)
     signing_key = _signing_key(alg, key)
     jwt = _import_jwt()
     problem = ""
-    with _quiet_key_length(jwt):
-        try:
-            return str(jwt.encode(payload, signing_key, algorithm=alg, headers=extra))
-        except jwt.InvalidKeyError:
-            problem = f"key cannot be used with {alg} (an HMAC secret must not be a PEM/SSH key)"
-        except (TypeError, ValueError, OverflowError):
-            problem = "claims and headers must be JSON-serializable"
+    try:
+        return str(jwt.encode(payload, signing_key, algorithm=alg, headers=extra))
+    except jwt.InvalidKeyError:
+        problem = f"key cannot be used with {alg} (an HMAC secret must not be a PEM/SSH key)"
     raise InvalidInput(problem)
 
 
@@ -141,6 +172,12 @@ def jwt_verify(
     ``"invalid_audience"`` (also: the token has ``aud`` but no ``audience`` was given, or the
     reverse), ``"invalid_issuer"``, ``"algorithm_not_allowed"`` or ``"malformed"``.
     ``leeway`` (seconds) applies to ``exp``, ``nbf`` and ``iat``.
+
+    Bad arguments are ``InvalidInput`` (``INVALID_INPUT``): an empty or unknown allow-list,
+    a key that fits none of the allowed algorithms, and a key too short for one of them
+    (RFC 7518): an HMAC secret shorter than the hash output (32/48/64 bytes for
+    HS256/384/512) while that algorithm is allowed, an RSA key under 2048 bits while RS256
+    is. Such keys are refused whatever the token, as :func:`jwt_sign` refuses them.
     """
     allowed = _allow_list(algorithms)
     key_bytes = _key_bytes(key)
@@ -158,12 +195,17 @@ def jwt_verify(
     if not isinstance(token, str):
         raise InvalidInput(f"token must be a str, not {type(token).__name__}")
 
-    jwt = _import_jwt()
     public_key = _verifying_key(key_bytes) if allowed - _HMAC else None
     if not allowed & _HMAC and not any(_fits(alg, public_key) for alg in allowed):
         raise InvalidInput(
             f"key is not a PEM public key, private key or certificate for any of {sorted(allowed)}"
         )
+    if public_key is None:
+        for hmac_alg in sorted(allowed & _HMAC):
+            _check_hmac_key(hmac_alg, key_bytes, "drop it from algorithms or use a longer key")
+    elif "RS256" in allowed and _fits("RS256", public_key):
+        _check_rsa_key(public_key)
+    jwt = _import_jwt()
 
     header: object = None
     try:
@@ -182,33 +224,32 @@ def jwt_verify(
         verify_key = public_key
 
     reason: JwtReason = "malformed"
-    with _quiet_key_length(jwt):
-        try:
-            claims = jwt.decode(
-                token, verify_key, algorithms=[alg], audience=aud, issuer=iss, leeway=leeway
-            )
-        except jwt.ExpiredSignatureError:
-            reason = "expired"
-        except jwt.ImmatureSignatureError:
-            reason = "immature"
-        except jwt.InvalidAudienceError:
+    try:
+        claims = jwt.decode(
+            token, verify_key, algorithms=[alg], audience=aud, issuer=iss, leeway=leeway
+        )
+    except jwt.ExpiredSignatureError:
+        reason = "expired"
+    except jwt.ImmatureSignatureError:
+        reason = "immature"
+    except jwt.InvalidAudienceError:
+        reason = "invalid_audience"
+    except jwt.InvalidIssuerError:
+        reason = "invalid_issuer"
+    except jwt.MissingRequiredClaimError as exc:
+        if exc.claim == "aud":
             reason = "invalid_audience"
-        except jwt.InvalidIssuerError:
+        elif exc.claim == "iss":
             reason = "invalid_issuer"
-        except jwt.MissingRequiredClaimError as exc:
-            if exc.claim == "aud":
-                reason = "invalid_audience"
-            elif exc.claim == "iss":
-                reason = "invalid_issuer"
-        except (jwt.InvalidSignatureError, jwt.InvalidKeyError):
-            reason = "invalid_signature"
-        except jwt.InvalidAlgorithmError:
-            reason = "algorithm_not_allowed"
-        except Exception:  # DecodeError and anything else an untrusted token can provoke
-            reason = "malformed"
-        else:
-            if isinstance(claims, dict):
-                return {"valid": True, "claims": claims, "reason": None}
+    except (jwt.InvalidSignatureError, jwt.InvalidKeyError):
+        reason = "invalid_signature"
+    except jwt.InvalidAlgorithmError:
+        reason = "algorithm_not_allowed"
+    except Exception:  # DecodeError and anything else an untrusted token can provoke
+        reason = "malformed"
+    else:
+        if isinstance(claims, dict):
+            return {"valid": True, "claims": claims, "reason": None}
     return _rejected(reason)
 
 
@@ -216,22 +257,182 @@ def _rejected(reason: JwtReason) -> JwtVerifyResult:
     return {"valid": False, "claims": None, "reason": reason}
 
 
+_IMPORT_LOCK: Final = threading.Lock()
+
+
 def _import_jwt() -> Any:
-    with optional_import("pyjwt", "jwt", WHY_NOT_JWT):
-        import jwt
+    """PyJWT; HMAC-only where ``cryptography`` is installed but refuses to load."""
+    loaded = sys.modules.get("jwt")
+    if loaded is not None:
+        return loaded
+    with _IMPORT_LOCK, optional_import("pyjwt", "jwt", WHY_NOT_JWT):
+        if _cryptography_refuses_to_load():
+            with _cryptography_hidden():
+                import jwt
+        else:
+            import jwt
     return jwt
 
 
-@contextmanager
-def _quiet_key_length(jwt: Any) -> Iterator[None]:
-    """Silence PyJWT's ``InsecureKeyLengthWarning``: short HMAC secrets are the caller's call."""
-    import warnings
+def _cryptography_refuses_to_load() -> bool:
+    """True in an isolated subinterpreter with ``cryptography`` installed (it raises a plain
+    ``ImportError`` there, which PyJWT does not expect); False where it loads or is absent."""
+    try:
+        importlib.import_module("cryptography.hazmat.primitives.hashes")
+    except ModuleNotFoundError:
+        return False
+    except ImportError:
+        return True
+    return False
 
-    category = getattr(jwt, "InsecureKeyLengthWarning", None)
-    with warnings.catch_warnings():
-        if category is not None:
-            warnings.simplefilter("ignore", category)
+
+@contextmanager
+def _cryptography_hidden() -> Iterator[None]:
+    """Make ``import cryptography...`` raise ``ModuleNotFoundError`` for a moment, as if it
+    were not installed. What was loaded of it before is put back afterwards, so a later
+    import still says that it refuses to load here (``UnsupportedKind``, not "install it")."""
+    saved = {
+        name: module
+        for name, module in sys.modules.items()
+        if name == "cryptography" or name.startswith("cryptography.")
+    }
+    for name in saved:
+        del sys.modules[name]
+    sys.modules["cryptography"] = None  # type: ignore[assignment]  # None: "not found"
+    try:
         yield
+    finally:
+        if sys.modules.get("cryptography", saved) is None:
+            del sys.modules["cryptography"]
+        sys.modules.update(saved)
+
+
+def _checked_claims(claims: object) -> dict[str, Any]:
+    """``claims`` as plain JSON that verification accepts back unchanged, else InvalidInput."""
+    if not isinstance(claims, Mapping) or not all(isinstance(k, str) for k in claims):
+        raise InvalidInput("claims must be a dict with string keys")
+    payload: dict[str, Any] = {}
+    for name, value in claims.items():
+        where = f"claim {_label(name)}"
+        if name in _TIME_CLAIMS:
+            payload[name] = _numeric_date(value, where)
+        elif name in _STRING_CLAIMS:
+            if not isinstance(value, str):
+                raise InvalidInput(f"{where} must be a string, not {type(value).__name__}")
+            payload[name] = str(value)
+        elif name == "aud":
+            payload[name] = _audience_claim(value, where)
+        else:
+            payload[name] = _json_value(value, where, 0)
+        _check_serializable(payload[name], where)
+    return payload
+
+
+def _checked_headers(headers: object, alg: str) -> dict[str, Any]:
+    if not isinstance(headers, Mapping) or not all(isinstance(k, str) for k in headers):
+        raise InvalidInput("headers must be a dict with string keys")
+    if headers.get("alg", alg) != alg:
+        raise InvalidInput("headers cannot override 'alg'; use algorithm=")
+    extra: dict[str, Any] = {}
+    for name, value in headers.items():
+        where = f"header {_label(name)}"
+        if name in ("crit", "b64"):
+            raise InvalidInput(f"{where} is not supported: jwt:verify accepts no JWS extensions")
+        if name in _STRING_HEADERS and not isinstance(value, str):
+            raise InvalidInput(f"{where} must be a string, not {type(value).__name__}")
+        if name != "alg":
+            extra[name] = _json_value(value, where, 0)
+            _check_serializable(extra[name], where)
+    return extra
+
+
+def _label(name: str) -> str:
+    """A claim or header name for a message: shown if it looks like a name, else hidden."""
+    return shown(name) if name else "''"
+
+
+def _numeric_date(value: object, where: str) -> int | float:
+    if isinstance(value, datetime.datetime):  # as PyJWT does: naive means UTC
+        seconds: int | None = None
+        with contextlib.suppress(OverflowError, ValueError):  # year 1 with a UTC offset...
+            seconds = calendar.timegm(value.utctimetuple())
+        if seconds is None:
+            raise InvalidInput(f"{where} is a datetime that has no UTC time")
+        return seconds
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
+        raise InvalidInput(
+            f"{where} must be a finite number of seconds since the epoch (or a datetime), "
+            f"not {type(value).__name__}"
+        )
+    return int(value) if isinstance(value, int) else float(value)
+
+
+def _audience_claim(value: object, where: str) -> str | list[str]:
+    if isinstance(value, str) and value:
+        return str(value)
+    if (
+        isinstance(value, list | tuple)
+        and value
+        and all(isinstance(item, str) and item for item in value)
+    ):
+        return [str(item) for item in value]
+    raise InvalidInput(f"{where} must be a non-empty string or a non-empty list of them")
+
+
+def _json_value(value: object, where: str, depth: int) -> Any:
+    """``value`` as plain JSON types (tuples become lists), else InvalidInput."""
+    if depth > _MAX_DEPTH:
+        raise InvalidInput(f"{where} is nested more than {_MAX_DEPTH} deep")
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidInput(f"{where} holds {value!r}, which JSON cannot represent")
+        return float(value)
+    if isinstance(value, list | tuple):
+        return [_json_value(item, where, depth + 1) for item in value]
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise InvalidInput(f"{where} holds an object whose keys are not all strings")
+        return {k: _json_value(v, where, depth + 1) for k, v in value.items()}
+    raise InvalidInput(f"{where} holds a {type(value).__name__}, which is not JSON")
+
+
+def _check_serializable(value: object, where: str) -> None:
+    """What type checks cannot see: an integer with more digits than Python converts."""
+    problem = ""
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        problem = f"{where} holds an integer too large to write as JSON"
+    if problem:
+        raise InvalidInput(problem)
+
+
+def _check_hmac_key(alg: str, raw: bytes, remedy: str) -> None:
+    needed = HMAC_MIN_KEY_BYTES[alg]
+    if len(raw) < needed:
+        raise InvalidInput(
+            f"the key is {len(raw)} byte{'' if len(raw) == 1 else 's'} long; {alg} needs at "
+            f"least {needed} bytes (RFC 7518 section 3.2): {remedy}"
+        )
+
+
+def _check_rsa_key(public_key: Any) -> None:
+    bits = int(public_key.key_size)
+    if bits < RSA_MIN_KEY_BITS:
+        raise InvalidInput(
+            f"the RSA key has {bits} bits; RS256 needs at least {RSA_MIN_KEY_BITS} "
+            "(RFC 7518 section 3.3)"
+        )
 
 
 def _algorithm(value: object, field: str) -> str:
@@ -274,6 +475,7 @@ def _key_bytes(key: object) -> bytes:
 def _signing_key(alg: str, key: object) -> Any:
     raw = _key_bytes(key)
     if alg in _HMAC:
+        _check_hmac_key(alg, raw, "use a longer key")
         return raw
     with optional_import("cryptography", "jwt", NEEDS_CRYPTOGRAPHY):
         from cryptography.hazmat.primitives import serialization
@@ -286,6 +488,8 @@ def _signing_key(alg: str, key: object) -> Any:
         raise InvalidInput(f"{alg} needs an unencrypted PEM private key")
     if not _fits(alg, loaded.public_key()):
         raise InvalidInput(f"the private key's type does not match {alg}")
+    if alg == "RS256":
+        _check_rsa_key(loaded.public_key())
     return loaded
 
 
@@ -327,7 +531,25 @@ def _fits(alg: str, public_key: Any) -> bool:
     return False
 
 
-@task("jwt:sign", kinds=PROCESS_KINDS, why_not=WHY_NOT_JWT)
+def _asymmetric_needs_a_process(data: Any) -> tuple[str, ...] | None:
+    """HS* run anywhere; RS256, ES256 and EdDSA need ``cryptography``, so a process.
+
+    Malformed ``data`` keeps every kind: the task itself then says what is wrong."""
+    if not isinstance(data, Mapping):
+        return None
+    named: object
+    if "algorithms" in data:
+        named = data["algorithms"]
+        if isinstance(named, str | bytes) or not isinstance(named, Sequence | frozenset | set):
+            return None
+    else:
+        named = [data.get("algorithm", "HS256")]
+    if any(alg in JWT_ALGORITHMS - _HMAC for alg in named if isinstance(alg, str)):
+        return PROCESS_KINDS
+    return None
+
+
+@task("jwt:sign", kinds_for=_asymmetric_needs_a_process, why_not=WHY_NOT_JWT)
 def _jwt_sign_task(data: Any) -> str:
     args = unpack(data, "jwt:sign", ("claims", "key"), ("algorithm", "expires_in", "headers"))
     return jwt_sign(
@@ -339,7 +561,7 @@ def _jwt_sign_task(data: Any) -> str:
     )
 
 
-@task("jwt:verify", kinds=PROCESS_KINDS, why_not=WHY_NOT_JWT)
+@task("jwt:verify", kinds_for=_asymmetric_needs_a_process, why_not=WHY_NOT_JWT)
 def _jwt_verify_task(data: Any) -> JwtVerifyResult:
     args = unpack(
         data, "jwt:verify", ("token", "key", "algorithms"), ("audience", "issuer", "leeway")
