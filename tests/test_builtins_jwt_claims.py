@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import offload.tasks as t
 from offload import InvalidInput
-from offload._task import registered
+from offload._registry import registered
 
 SECRET = "k" * 64  # long enough for every HS* algorithm
 NOW = time.time()
