@@ -51,7 +51,7 @@ def fresh_schema(base_url: str) -> str:
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A URL for an empty store of each kind."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/jobs.db"
+        return f"sqlite://{tmp_path}/jobs.db"
     return fresh_schema(request.getfixturevalue("postgres"))
 
 

@@ -107,6 +107,10 @@ class Runner:
     def _ring(self) -> None:
         self._wake.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping or (self.stop is not None and self.stop.is_set())
+
     # -- the loop --------------------------------------------------------------------------
 
     async def run(self) -> int:
@@ -139,7 +143,7 @@ class Runner:
     async def _claim_loop(self, jobs: anyio.abc.TaskGroup) -> None:
         types = registered_types()
         failures = 0
-        while not self._stopping:
+        while not self.stopping:
             self._wake = anyio.Event()
             free = self.concurrency - len(self.running)
             wait: float | None = None
@@ -196,7 +200,7 @@ class Runner:
         """Let running jobs finish within ``grace`` (when stopping), then hand back the rest."""
         if not self.running:
             return
-        if self._stopping and self.grace > 0:
+        if self.stopping and self.grace > 0:
             with anyio.move_on_after(self.grace):
                 while self.running:
                     self._idle = anyio.Event()

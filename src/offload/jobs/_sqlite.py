@@ -89,6 +89,8 @@ def parse_sqlite_url(url: str) -> tuple[Path, dict[str, str]]:
     if parts.netloc and parts.netloc != "localhost":
         raise ValueError(f"a sqlite URL names a local file, not the host {parts.netloc!r}")
     path = unquote(parts.path)
+    if path.startswith("//"):  # sqlite:////abs/path (SQLAlchemy's spelling) is the same file
+        path = "/" + path.lstrip("/")
     if not path or path == "/" or ":memory:" in path:
         raise ValueError(
             "a sqlite job store needs a file (sqlite:///path/to/jobs.db): workers in other "
@@ -106,7 +108,7 @@ class SqliteStore(Store):
 
     def __init__(self, url: str) -> None:
         path, options = parse_sqlite_url(url)
-        super().__init__(f"sqlite:///{path}" if path.is_absolute() else f"sqlite:{path}")
+        super().__init__(f"sqlite://{path}" if path.is_absolute() else f"sqlite:{path}")
         self.path = path
         try:
             self.busy_timeout = float(options.get("timeout", "5"))
