@@ -42,6 +42,9 @@ def flaky(data: dict[str, Any]) -> str:
     attempts = len(log.read_text().splitlines())
     if attempts <= data["fail"]:
         raise ValueError(f"attempt {attempts} fails")
+    if data.get("fifo"):
+        with open(data["fifo"], "a") as f:
+            f.write("succeeded\n")
     return f"ok after {attempts}"
 
 

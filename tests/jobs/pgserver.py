@@ -118,7 +118,9 @@ class TemporaryPostgres:
 
     def stop(self) -> None:
         with contextlib.suppress(RuntimeError):
-            self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            self._run(
+                str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"
+            )
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> TemporaryPostgres:

@@ -63,10 +63,14 @@ async def test_a_corrupt_file_is_store_corrupt_and_is_not_written(
         raw[4096 * 2 : 4096 * 6] = os.urandom(4096 * 4)  # pages of the table and its indexes
         db.write_bytes(bytes(raw))
     before = db.read_bytes()
-    with pytest.raises(StoreCorrupt) as caught:
+
+    async def use() -> None:
         async with JobQueue(f"sqlite://{db}") as jobs:
             await jobs.stats()
             await jobs.enqueue("jobs-test:echo", {"n": "new"})
+
+    with pytest.raises(StoreCorrupt) as caught:
+        await use()
     assert caught.value.code == "STORE_CORRUPT"
     assert str(db) in str(caught.value)
     assert db.read_bytes() == before
@@ -96,7 +100,8 @@ async def test_a_schema_from_a_newer_offload_is_refused_and_left_in_place(store_
         assert "upgrade offload" in str(caught.value)
         await store._run(set_version(SCHEMA_VERSION))
         info = await jobs.get(kept)
-        assert info is not None and info.data == {"keep": True}
+        assert info is not None
+        assert info.data == {"keep": True}
 
 
 async def test_an_unreachable_server_is_store_unavailable_without_the_password(
@@ -159,7 +164,8 @@ def test_a_full_disk_is_store_full_and_keeps_every_job_it_accepted(tmp_path: Pat
         async with JobQueue(f"sqlite://{db}") as jobs:
             for job_id in report["ok"]:
                 info = await jobs.get(job_id)
-                assert info is not None and info.state == "queued"
+                assert info is not None
+                assert info.state == "queued"
             assert (await jobs.stats()).total("queued") == len(report["ok"])
 
     anyio.run(check)

@@ -8,6 +8,7 @@ loop: they are plain tests over both stores.
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import signal
 import subprocess
@@ -82,7 +83,7 @@ class Host:
         family = self.family()
         self.proc.kill()
         self.proc.wait()
-        gone, alive = psutil.wait_procs(family, timeout=30)
+        _gone, alive = psutil.wait_procs(family, timeout=30)
         assert not alive, f"workers outlived their host: {alive}"
         return time.time()
 
@@ -192,7 +193,7 @@ def test_a_host_killed_mid_run_loses_nothing_and_no_job_runs_twice_at_once(
                 ends = [t for k, h, t in runs[i] if k == "E" and h == host and t >= at]
                 intervals.append((at, min(ends) if ends else a_dead_at, host))
         intervals.sort()
-        for (s1, e1, h1), (s2, e2, h2) in zip(intervals, intervals[1:], strict=False):
+        for (_s1, e1, h1), (s2, _e2, h2) in itertools.pairwise(intervals):
             assert e1 <= s2, f"{job_id} ran on {h1} and {h2} at once: {intervals}"
         if info.state == "done":
             assert any(h == info.result["host"] for _, _, h in intervals)
@@ -210,7 +211,9 @@ def test_sigterm_lets_the_running_job_finish_then_exits_0(
 
     async def enqueue() -> str:
         async with JobQueue(url) as jobs:
-            return await jobs.enqueue("jobs-test:gate", {"gate": str(gate), "started": str(started)})
+            return await jobs.enqueue(
+                "jobs-test:gate", {"gate": str(gate), "started": str(started)}
+            )
 
     job_id = run(enqueue)
     host = Host("A", url, "--grace", "60", log=tmp_path / "A.err")
@@ -233,7 +236,9 @@ def test_sigterm_hands_back_what_outlives_the_grace_period(
 
     async def enqueue() -> str:
         async with JobQueue(url) as jobs:
-            return await jobs.enqueue("jobs-test:gate", {"gate": str(gate), "started": str(started)})
+            return await jobs.enqueue(
+                "jobs-test:gate", {"gate": str(gate), "started": str(started)}
+            )
 
     job_id = run(enqueue)
     host = Host("A", url, "--grace", "0.5", log=tmp_path / "A.err")

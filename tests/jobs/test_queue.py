@@ -21,8 +21,9 @@ json_values = st.recursive(
     | st.integers(min_value=-(2**63), max_value=2**63 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -45,13 +46,20 @@ async def test_enqueue_then_get(jobs: JobQueue) -> None:
     )
     info = await jobs.get(job_id)
     assert isinstance(info, JobInfo)
-    assert (info.id, info.queue, info.type, info.data) == (job_id, "maths", "jobs-test:add", {
-        "a": 1,
-        "b": 2,
-    })
+    assert (info.id, info.queue, info.type, info.data) == (
+        job_id,
+        "maths",
+        "jobs-test:add",
+        {
+            "a": 1,
+            "b": 2,
+        },
+    )
     assert info.state == "queued"
     assert info.attempts == 0
-    assert info.error is None and info.result is None and info.finished_at is None
+    assert info.error is None
+    assert info.result is None
+    assert info.finished_at is None
     assert info.run_at == info.created_at
     assert info.created_at.tzinfo is not None
     assert abs((datetime.now(UTC) - info.created_at).total_seconds()) < 60
@@ -68,7 +76,8 @@ async def test_enqueue_of_an_existing_job_id_returns_it_and_stores_nothing(jobs:
     assert first == again == "welcome-42"
     info = await jobs.get("welcome-42")
     assert info is not None
-    assert info.data == {"v": 1} and info.queue == "emails"
+    assert info.data == {"v": 1}
+    assert info.queue == "emails"
     stats = await jobs.stats()
     assert stats.total("queued") == 1
     assert set(stats.queues) == {"emails"}
@@ -147,7 +156,8 @@ async def test_an_unregistered_type_is_refused_unless_types_are_not_checked(
     async with JobQueue(store_url, check_types=False) as producer:
         job_id = await producer.enqueue("jobs-test:nope", {})
     info = await jobs.get(job_id)
-    assert info is not None and info.state == "queued"
+    assert info is not None
+    assert info.state == "queued"
 
 
 async def test_stats_count_per_queue_and_state(jobs: JobQueue) -> None:
@@ -160,7 +170,8 @@ async def test_stats_count_per_queue_and_state(jobs: JobQueue) -> None:
         "b": {"queued": 1, "running": 0, "done": 0, "failed": 0},
     }
     assert (stats.queues["a"].due, stats.queues["b"].delayed) == (3, 1)
-    assert stats.oldest_due_age is not None and stats.oldest_due_age >= 0
+    assert stats.oldest_due_age is not None
+    assert stats.oldest_due_age >= 0
     assert stats.queues["b"].oldest_due_age is None
     assert stats.as_dict()["queues"]["a"]["due"] == 3
     assert all(stats.total(state) >= 0 for state in STATES)

@@ -165,7 +165,6 @@ async def _work(jobs: JobQueue, args: argparse.Namespace) -> int:
         WorkerManager(workers=args.workers, kind=args.kind) as wm,
         anyio.create_task_group() as tg,
     ):
-
         work_scope = anyio.CancelScope()
 
         async def on_signal() -> None:

@@ -265,7 +265,9 @@ def seconds(what: str, value: object, *, allow_zero: bool = True) -> float:
         raise InvalidTask(f"{what} must be a number of seconds, not {type(value).__name__}")
     number = float(value)
     if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
-        raise InvalidTask(f"{what} must be a finite number of seconds {'>=' if allow_zero else '>'} 0")
+        raise InvalidTask(
+            f"{what} must be a finite number of seconds {'>=' if allow_zero else '>'} 0"
+        )
     return number
 
 

@@ -254,13 +254,11 @@ class PgListener(Subscription):
         self._backoff = 0.5
 
     def _open(self) -> psycopg.Connection[Any]:
-        psycopg = self.store._psycopg
+        pg = self.store._psycopg
         try:
-            conn: psycopg.Connection[Any] = psycopg.connect(self.store.url, autocommit=True)
-            conn.execute(
-                psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.store.channel))
-            )
-        except psycopg.Error as exc:
+            conn: psycopg.Connection[Any] = pg.connect(self.store.url, autocommit=True)
+            conn.execute(pg.sql.SQL("LISTEN {}").format(pg.sql.Identifier(self.store.channel)))
+        except pg.Error as exc:
             raise StoreUnavailable(
                 f"cannot listen on the job store {self.store.display_url}: {_first_line(exc)}"
             ) from None
@@ -311,7 +309,9 @@ class PgListener(Subscription):
 
 
 def _version(conn: Any) -> int | None:
-    row = conn.execute("SELECT value FROM offload_jobs_meta WHERE key = 'schema_version'").fetchone()
+    row = conn.execute(
+        "SELECT value FROM offload_jobs_meta WHERE key = 'schema_version'"
+    ).fetchone()
     return None if row is None else int(row[0])
 
 

@@ -116,15 +116,14 @@ class Runner:
     async def run(self) -> int:
         subscription = await self.store.subscribe()
         try:
-            async with anyio.create_task_group() as jobs:
-                async with anyio.create_task_group() as helpers:
-                    helpers.start_soon(self._listen, subscription)
-                    helpers.start_soon(self._renew_loop)
-                    if self.stop is not None:
-                        helpers.start_soon(self._watch_stop, self.stop)
-                    await self._claim_loop(jobs)
-                    await self._wind_down()
-                    helpers.cancel_scope.cancel()
+            async with anyio.create_task_group() as jobs, anyio.create_task_group() as helpers:
+                helpers.start_soon(self._listen, subscription)
+                helpers.start_soon(self._renew_loop)
+                if self.stop is not None:
+                    helpers.start_soon(self._watch_stop, self.stop)
+                await self._claim_loop(jobs)
+                await self._wind_down()
+                helpers.cancel_scope.cancel()
         finally:
             await subscription.aclose()
         return self.done
@@ -169,9 +168,9 @@ class Runner:
                 wait = result.next_in
                 if anyio.current_time() - self._unknown_at >= _UNKNOWN_EVERY:
                     await self._note_unknown(types)
-                if self.once and not result.jobs and not self.running:
-                    if wait is None or wait > 0:
-                        return  # drained: nothing due, nothing running
+                drained = self.once and not result.jobs and not self.running
+                if drained and (wait is None or wait > 0):
+                    return  # nothing due, nothing running
             await self._sleep(wait)
 
     async def _sleep(self, seconds: float | None) -> None:

@@ -113,7 +113,9 @@ class SqliteStore(Store):
         try:
             self.busy_timeout = float(options.get("timeout", "5"))
         except ValueError:
-            raise ValueError(f"timeout must be a number of seconds, not {options['timeout']!r}")
+            raise ValueError(
+                f"timeout must be a number of seconds, not {options['timeout']!r}"
+            ) from None
         self.synchronous = options.get("synchronous", "normal").lower()
         if self.synchronous not in ("normal", "full"):
             raise ValueError("synchronous must be 'normal' or 'full'")
@@ -247,7 +249,9 @@ class SqliteStore(Store):
 
 
 def _version(conn: Any) -> int | None:
-    row = conn.execute("SELECT value FROM offload_jobs_meta WHERE key = 'schema_version'").fetchone()
+    row = conn.execute(
+        "SELECT value FROM offload_jobs_meta WHERE key = 'schema_version'"
+    ).fetchone()
     return None if row is None else int(row[0])
 
 

@@ -430,7 +430,7 @@ class Store(abc.ABC):
                 )
                 self.execute(
                     conn,
-                    _MARK_UNRUNNABLE.format(types=self.in_list("type", "types")),
+                    _MARK_UNRUNNABLE,
                     {**params, "queue": queue, "type": type_, "message": message},
                 )
             return [(q, t) for q, t in pairs]
@@ -492,7 +492,9 @@ class Store(abc.ABC):
 
         return await self._run(forget)
 
-    async def purge(self, queue: str | None, states: Sequence[str], older_than: float | None) -> int:
+    async def purge(
+        self, queue: str | None, states: Sequence[str], older_than: float | None
+    ) -> int:
         def purge(conn: Any) -> int:
             where = self.in_list("state", "states")
             params: dict[str, Any] = {"states": self.list_param(states), "queue": queue}
@@ -512,7 +514,9 @@ class Store(abc.ABC):
             rows = self.execute(conn, _STATS, {"now": now}).fetchall()
             counts: dict[str, dict[str, Any]] = {}
             for queue, state, n, due, oldest in rows:
-                entry = counts.setdefault(queue, {s: 0 for s in STATES} | {"due": 0, "oldest": None})
+                entry = counts.setdefault(
+                    queue, dict.fromkeys(STATES, 0) | {"due": 0, "oldest": None}
+                )
                 if state in STATES:
                     entry[state] = int(n)
                 entry["due"] += int(due or 0)
@@ -637,9 +641,7 @@ _STATS_UNRUNNABLE: Final = (
 
 
 def _claimed(row: Sequence[Any], token: str) -> Claimed:
-    (job_id, queue, type_, data, priority, attempts, retries, backoff, retry_on, timeout) = row[
-        :10
-    ]
+    (job_id, queue, type_, data, priority, attempts, retries, backoff, retry_on, timeout) = row[:10]
     return Claimed(
         id=job_id,
         queue=queue,
