@@ -73,7 +73,8 @@ SCHEMA: Final = (
     )""",
     "CREATE INDEX IF NOT EXISTS offload_jobs_due "
     "ON offload_jobs (queue, priority, run_at, seq) WHERE state = 'queued'",
-    "CREATE INDEX IF NOT EXISTS offload_jobs_next ON offload_jobs (run_at) WHERE state = 'queued'",
+    "CREATE INDEX IF NOT EXISTS offload_jobs_next "
+    "ON offload_jobs (queue, run_at) WHERE state = 'queued'",
     "CREATE INDEX IF NOT EXISTS offload_jobs_lease "
     "ON offload_jobs (lease_until) WHERE state = 'running'",
     "CREATE INDEX IF NOT EXISTS offload_jobs_token ON offload_jobs (token) WHERE state = 'running'",
@@ -225,15 +226,24 @@ class PostgresStore(Store):
     def list_param(self, values: Sequence[str]) -> Any:
         return list(values)
 
-    def _insert(self, conn: Any, sql: str, params: dict[str, Any]) -> bool:
+    def _insert(self, conn: Any, sql: str, params: dict[str, Any]) -> set[str]:
+        # One statement (so one round trip and one commit): insert, then notify per queue.
         params["channel"] = self.channel
-        cur = conn.execute(
+        rows = conn.execute(
             self.sql(
-                f"WITH ins AS ({sql} RETURNING queue) SELECT pg_notify(:channel, queue) FROM ins"
+                f"WITH ins AS ({sql}), note AS (SELECT pg_notify(:channel, queue) "
+                "FROM (SELECT DISTINCT queue FROM ins) AS q) "
+                "SELECT id FROM ins, (SELECT count(*) FROM note) AS n"
             ),
             params,
-        )
-        return bool(cur.rowcount == 1)
+        ).fetchall()
+        return {row[0] for row in rows}
+
+    def _transaction(self, conn: Any) -> contextlib.AbstractContextManager[None]:
+        return conn.transaction()  # type: ignore[no-any-return]
+
+    def _pipeline(self, conn: Any) -> contextlib.AbstractContextManager[Any]:
+        return conn.pipeline()  # type: ignore[no-any-return]
 
     def _wake(self, conn: Any, queues: Sequence[str]) -> None:
         for queue in queues:

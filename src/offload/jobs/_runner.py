@@ -98,6 +98,7 @@ class Runner:
         self.stop = stop
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{next(_worker_numbers)}"
         self.running: dict[str, _Running] = {}
+        self._batch = max(1, concurrency // 2)
         self.done = 0
         self._wake = anyio.Event()
         self._stopping = False
@@ -146,7 +147,8 @@ class Runner:
             self._wake = anyio.Event()
             free = self.concurrency - len(self.running)
             wait: float | None = None
-            if free > 0:
+            # While jobs run, claim in batches (half the slots): one transaction for several.
+            if free > 0 and (not self.running or free >= self._batch):
                 started = anyio.current_time()
                 try:
                     result = await self.store.claim(

@@ -26,7 +26,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -72,7 +72,8 @@ SCHEMA: Final = (
     )""",
     "CREATE INDEX IF NOT EXISTS offload_jobs_due "
     "ON offload_jobs (queue, priority, run_at, seq) WHERE state = 'queued'",
-    "CREATE INDEX IF NOT EXISTS offload_jobs_next ON offload_jobs (run_at) WHERE state = 'queued'",
+    "CREATE INDEX IF NOT EXISTS offload_jobs_next "
+    "ON offload_jobs (queue, run_at) WHERE state = 'queued'",
     "CREATE INDEX IF NOT EXISTS offload_jobs_lease "
     "ON offload_jobs (lease_until) WHERE state = 'running'",
     "CREATE INDEX IF NOT EXISTS offload_jobs_token ON offload_jobs (token) WHERE state = 'running'",
@@ -121,6 +122,7 @@ class SqliteStore(Store):
             raise ValueError("synchronous must be 'normal' or 'full'")
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._ring_after_commit = False
         self.doorbell = Doorbell(self.path)
 
     def _connect_all(self) -> None:
@@ -128,7 +130,7 @@ class SqliteStore(Store):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
                 self.path,
-                timeout=self.busy_timeout,
+                timeout=0,  # SQLITE_BUSY is retried here, in finer steps than SQLite's own
                 isolation_level=None,
                 check_same_thread=False,
             )
@@ -157,17 +159,30 @@ class SqliteStore(Store):
         self.doorbell.close()
 
     def _with_connection(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(conn)``; while another connection holds the write lock, try again (every
+        0.1-2 ms) for up to the busy timeout. Each write is one statement or one transaction,
+        so a retry never repeats a part that was committed."""
         with self._lock:
             conn = self._conn
             if conn is None:
                 raise StoreError(f"the job store {self.display_url} is closed")
-            try:
-                return fn(conn)
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                raise self._error(exc) from None
+            deadline = time.monotonic() + self.busy_timeout
+            pause = 0.0001
+            while True:
+                try:
+                    return fn(conn)
+                except sqlite3.Error as exc:
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                    busy = getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY") or (
+                        "database is locked" in str(exc)
+                    )
+                    if busy and time.monotonic() + pause < deadline:
+                        time.sleep(pause)
+                        pause = min(pause * 2, 0.002)
+                        continue
+                    raise self._error(exc) from None
 
     def _error(self, exc: BaseException, doing: str = "use") -> StoreError:
         where = f"the job store {self.display_url}"
@@ -235,14 +250,31 @@ class SqliteStore(Store):
 
         return json.dumps(list(values))
 
-    def _insert(self, conn: Any, sql: str, params: dict[str, Any]) -> bool:
-        inserted = conn.execute(sql, params).rowcount == 1
+    def _insert(self, conn: Any, sql: str, params: dict[str, Any]) -> set[str]:
+        inserted = {row[0] for row in conn.execute(sql, params).fetchall()}
         if inserted:
-            self.doorbell.ring()
-        return bool(inserted)
+            self._wake(conn, [])
+        return inserted
 
     def _wake(self, conn: Any, queues: Sequence[str]) -> None:
-        self.doorbell.ring()
+        if conn.in_transaction:
+            self._ring_after_commit = True  # a worker woken now would not see the rows yet
+        else:
+            self.doorbell.ring()
+
+    @contextlib.contextmanager
+    def _transaction(self, conn: Any) -> Iterator[None]:
+        conn.execute("BEGIN IMMEDIATE")  # SQLITE_BUSY here is retried by _with_connection
+        self._ring_after_commit = False
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        if self._ring_after_commit:
+            self.doorbell.ring()
 
     async def subscribe(self) -> Subscription:
         return self.doorbell.subscribe()

@@ -23,6 +23,7 @@ after), so leases mean the same on every host.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import logging
 import re
@@ -30,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import anyio
 
@@ -169,6 +170,8 @@ class Store(abc.ABC):
         self.display_url = display_url  # the URL without its password
         self._limiter: anyio.CapacityLimiter | None = None
         self._sql_cache: dict[str, str] = {}
+        self._enqueues: Batcher[NewJob, bool] = Batcher(self, self._insert_many)
+        self._finishes: Batcher[Outcome, str | None] = Batcher(self, self._finish_many)
 
     # -- dialect ---------------------------------------------------------------------------
 
@@ -199,12 +202,21 @@ class Store(abc.ABC):
     def list_param(self, values: Sequence[str]) -> Any: ...
 
     @abc.abstractmethod
-    def _insert(self, conn: Any, sql: str, params: dict[str, Any]) -> bool:
-        """Run the INSERT (``ON CONFLICT DO NOTHING``) and wake workers; True if inserted."""
+    def _insert(self, conn: Any, sql: str, params: dict[str, Any]) -> set[str]:
+        """Run the INSERT (``... ON CONFLICT DO NOTHING RETURNING id, queue``) and wake
+        workers; the ids inserted."""
 
     @abc.abstractmethod
     def _wake(self, conn: Any, queues: Sequence[str]) -> None:
-        """Tell waiting workers that jobs in ``queues`` became due (after the write)."""
+        """Tell waiting workers that jobs in ``queues`` became due (once the write commits)."""
+
+    @abc.abstractmethod
+    def _transaction(self, conn: Any) -> contextlib.AbstractContextManager[None]:
+        """A write transaction: committed on success, rolled back on an error."""
+
+    def _pipeline(self, conn: Any) -> contextlib.AbstractContextManager[Any]:
+        """Send statements without waiting for each answer (PostgreSQL's pipeline mode)."""
+        return contextlib.nullcontext()
 
     @abc.abstractmethod
     async def subscribe(self) -> Subscription:
@@ -217,7 +229,7 @@ class Store(abc.ABC):
             return text
         cached = self._sql_cache.get(text)
         if cached is None:
-            cached = re.sub(r"(?<![:\w]):([a-z_]+)", r"%(\1)s", text)
+            cached = re.sub(r"(?<![:\w]):([a-z_][a-z0-9_]*)", r"%(\1)s", text)
             self._sql_cache[text] = cached
         return cached
 
@@ -268,29 +280,43 @@ class Store(abc.ABC):
     # -- the operations --------------------------------------------------------------------
 
     async def enqueue(self, job: NewJob) -> bool:
-        def insert(conn: Any) -> bool:
-            now = self.now()
-            params = {
-                "id": job.id,
-                "queue": job.queue,
-                "type": job.type,
-                "data": job.data,
-                "priority": job.priority,
-                "retries": job.retries,
-                "backoff": job.backoff,
-                "retry_on": job.retry_on,
-                "timeout": job.timeout,
-                "now": now,
-                "run_at": job.run_at if job.run_at is not None else now + job.delay,
-                "retry_until": (
-                    job.retry_until
-                    if job.retry_until is not None
-                    else (None if job.retry_until_in is None else now + job.retry_until_in)
-                ),
-            }
-            return self._insert(conn, _INSERT, params)
+        """Store ``job``; False if a job with its id exists (nothing stored).
 
-        return await self._run(insert)
+        Concurrent calls share one statement and one commit (group commit).
+        """
+        return await self._enqueues.submit(job)
+
+    def _insert_many(self, conn: Any, jobs: list[NewJob]) -> list[bool]:
+        now = self.now()
+        rows: list[str] = []
+        params: dict[str, Any] = {"now": now}
+        first: dict[str, int] = {}
+        for i, job in enumerate(jobs):
+            if job.id in first:
+                continue  # the same id twice in one batch: the first one wins
+            first[job.id] = i
+            rows.append(_VALUES.format(i=i))
+            params.update(
+                {
+                    f"id_{i}": job.id,
+                    f"queue_{i}": job.queue,
+                    f"type_{i}": job.type,
+                    f"data_{i}": job.data,
+                    f"priority_{i}": job.priority,
+                    f"retries_{i}": job.retries,
+                    f"backoff_{i}": job.backoff,
+                    f"retry_on_{i}": job.retry_on,
+                    f"timeout_{i}": job.timeout,
+                    f"run_at_{i}": job.run_at if job.run_at is not None else now + job.delay,
+                    f"retry_until_{i}": (
+                        job.retry_until
+                        if job.retry_until is not None
+                        else (None if job.retry_until_in is None else now + job.retry_until_in)
+                    ),
+                }
+            )
+        inserted = self._insert(conn, _INSERT.format(values=", ".join(rows)), params)
+        return [job.id in inserted and first[job.id] == i for i, job in enumerate(jobs)]
 
     async def claim(
         self,
@@ -304,31 +330,26 @@ class Store(abc.ABC):
         queue by queue in the order given, then by priority, due time and arrival."""
 
         def claim(conn: Any) -> ClaimResult:
+            # Pipelined on PostgreSQL: with one queue the whole transaction is one round trip.
+            with self._pipeline(conn), self._transaction(conn):
+                return claim_in(conn)
+
+        def claim_in(conn: Any) -> ClaimResult:
             now = self.now()
             qlist = self.list_param(queues)
             tlist = self.list_param(types)
-            reaped = self.execute(
+            reap = self.execute(
                 conn,
                 _REAP.format(queues=self.in_list("queue", "queues")),
                 {"now": now, "queues": qlist, "message": _LEASE_MESSAGE},
-            ).fetchall()
-            requeued = [row[1] for row in reaped if row[2] == "queued"]
-            for job_id, queue, state in reaped:
-                log.warning(
-                    "job %r in queue %r: its lease expired (the host running it died or lost "
-                    "the store); it is %s",
-                    job_id,
-                    queue,
-                    "queued again" if state == "queued" else "failed (no attempts left)",
-                )
-            if requeued:
-                self._wake(conn, requeued)
+            )
             token = uuid.uuid4().hex
             jobs: list[Claimed] = []
+            pending = []
             for queue in queues:
                 if len(jobs) >= limit:
                     break
-                rows = self.execute(
+                cur = self.execute(
                     conn,
                     _CLAIM.format(types=self.in_list("type", "types"), lock=self.claim_lock),
                     {
@@ -340,20 +361,38 @@ class Store(abc.ABC):
                         "worker": worker,
                         "lease_until": now + lease,
                     },
-                ).fetchall()
-                got = [_claimed(row, token) for row in rows]
+                )
+                if len(queues) == 1:
+                    pending.append(cur)  # fetched below, with the rest of the pipeline
+                    break
+                got = [_claimed(row, token) for row in cur.fetchall()]
                 got.sort(key=lambda j: (j.priority, j.run_at, j.seq))
                 jobs.extend(got)
+            for cur in pending:
+                got = [_claimed(row, token) for row in cur.fetchall()]
+                got.sort(key=lambda j: (j.priority, j.run_at, j.seq))
+                jobs.extend(got)
+            reaped = reap.fetchall()
+            requeued = [r[1] for r in reaped if r[2] == "queued"]
+            for job_id, queue, state in reaped:
+                log.warning(
+                    "job %r in queue %r: its lease expired (the host running it died or lost "
+                    "the store); it is %s",
+                    job_id,
+                    queue,
+                    "queued again" if state == "queued" else "failed (no attempts left)",
+                )
+            if requeued:
+                self._wake(conn, requeued)
             next_in = None
-            if len(jobs) < limit:
-                row = self.execute(
-                    conn,
-                    _NEXT.format(
-                        queues=self.in_list("queue", "queues"), types=self.in_list("type", "types")
-                    ),
-                    {"queues": qlist, "types": tlist},
-                ).fetchone()
-                times = [t for t in row if t is not None]
+            if len(jobs) < limit:  # nothing more is due: when will something be?
+                params: dict[str, Any] = {"queues": qlist, "types": tlist}
+                parts = []
+                for i, queue in enumerate(queues):
+                    params[f"q_{i}"] = queue
+                    parts.append(_NEXT_DUE.format(i=i, types=self.in_list("type", "types")))
+                sql = _NEXT.format(due=", ".join(parts), queues=self.in_list("queue", "queues"))
+                times = [t for t in self.execute(conn, sql, params).fetchone() if t is not None]
                 if times:
                     next_in = max(0.0, min(times) - self.now())
             return ClaimResult(jobs, next_in, len(reaped))
@@ -374,34 +413,43 @@ class Store(abc.ABC):
         return await self._run(renew)
 
     async def finish(self, outcome: Outcome) -> str | None:
-        """Record how a run ended; the job's new state, or ``None`` if the lease was lost."""
+        """Record how a run ended; the job's new state, or ``None`` if the lease was lost.
 
-        def finish(conn: Any) -> str | None:
+        Concurrent calls share one transaction (group commit).
+        """
+        return await self._finishes.submit(outcome)
+
+    def _finish_many(self, conn: Any, outcomes: list[Outcome]) -> list[str | None]:
+        states: list[str | None] = []
+        with self._pipeline(conn), self._transaction(conn):
             now = self.now()
-            params: dict[str, Any] = {"id": outcome.id, "token": outcome.token, "now": now}
-            if outcome.kind == "done":
-                params["result"] = outcome.result
-                row = self.execute(conn, _DONE, params).fetchone()
-            elif outcome.kind == "release":
-                row = self.execute(conn, _RELEASE, params).fetchone()
-            else:
-                params.update(
-                    retry=1 if outcome.kind == "retry" else 0,
-                    delay=outcome.delay,
-                    error_code=outcome.error_code,
-                    error_type=outcome.error_type,
-                    error=outcome.error,
-                    traceback=outcome.traceback,
-                )
-                row = self.execute(conn, _FAIL, params).fetchone()
-            if row is None:
-                return None
-            state: str = row[0]
-            if state == "queued":
-                self._wake(conn, [row[1]])
-            return state
-
-        return await self._run(finish)
+            requeued: set[str] = set()
+            cursors = []
+            for outcome in outcomes:
+                params: dict[str, Any] = {"id": outcome.id, "token": outcome.token, "now": now}
+                if outcome.kind == "done":
+                    params["result"] = outcome.result
+                    cursors.append(self.execute(conn, _DONE, params))
+                elif outcome.kind == "release":
+                    cursors.append(self.execute(conn, _RELEASE, params))
+                else:
+                    params.update(
+                        retry=1 if outcome.kind == "retry" else 0,
+                        delay=outcome.delay,
+                        error_code=outcome.error_code,
+                        error_type=outcome.error_type,
+                        error=outcome.error,
+                        traceback=outcome.traceback,
+                    )
+                    cursors.append(self.execute(conn, _FAIL, params))
+            for cur in cursors:
+                row = cur.fetchone()
+                states.append(None if row is None else row[0])
+                if row is not None and row[0] == "queued":
+                    requeued.add(row[1])
+            if requeued:
+                self._wake(conn, sorted(requeued))
+        return states
 
     async def note_unrunnable(
         self, queues: Sequence[str], types: Sequence[str], worker: str
@@ -410,6 +458,10 @@ class Store(abc.ABC):
         (they stay queued); the (queue, type) pairs newly marked."""
 
         def note(conn: Any) -> list[tuple[str, str]]:
+            with self._transaction(conn):
+                return note_in(conn)
+
+        def note_in(conn: Any) -> list[tuple[str, str]]:
             params = {
                 "now": self.now(),
                 "queues": self.list_param(queues),
@@ -463,6 +515,10 @@ class Store(abc.ABC):
         """Queue failed jobs again with fresh attempts: one by id, or all (in ``queue``)."""
 
         def retry(conn: Any) -> int:
+            with self._transaction(conn):
+                return retry_in(conn)
+
+        def retry_in(conn: Any) -> int:
             where = "state = 'failed'"
             if job_id is not None:
                 where += " AND id = :id"
@@ -548,9 +604,12 @@ class Store(abc.ABC):
 
 _INSERT: Final = (
     "INSERT INTO offload_jobs (id, queue, type, data, state, priority, attempts, retries, "
-    "backoff, retry_until, retry_on, timeout, created_at, run_at) VALUES (:id, :queue, :type, "
-    ":data, 'queued', :priority, 0, :retries, :backoff, :retry_until, :retry_on, :timeout, "
-    ":now, :run_at) ON CONFLICT (id) DO NOTHING"
+    "backoff, retry_until, retry_on, timeout, created_at, run_at) VALUES {values} "
+    "ON CONFLICT (id) DO NOTHING RETURNING id, queue"
+)
+_VALUES: Final = (
+    "(:id_{i}, :queue_{i}, :type_{i}, :data_{i}, 'queued', :priority_{i}, 0, :retries_{i}, "
+    ":backoff_{i}, :retry_until_{i}, :retry_on_{i}, :timeout_{i}, :now, :run_at_{i})"
 )
 
 _LEASE_MESSAGE: Final = (
@@ -582,9 +641,14 @@ _CLAIM: Final = (
     "run_at, seq"
 )
 
+# The next due time per queue (each an index scan that stops at its first row), and the
+# first lease to expire.
+_NEXT_DUE: Final = (
+    "(SELECT run_at FROM offload_jobs WHERE state = 'queued' AND queue = :q_{i} AND {types} "
+    "ORDER BY run_at LIMIT 1)"
+)
 _NEXT: Final = (
-    "SELECT (SELECT MIN(run_at) FROM offload_jobs WHERE state = 'queued' AND {queues} "
-    "AND {types}), (SELECT MIN(lease_until) FROM offload_jobs WHERE state = 'running' "
+    "SELECT {due}, (SELECT MIN(lease_until) FROM offload_jobs WHERE state = 'running' "
     "AND {queues})"
 )
 
@@ -638,6 +702,74 @@ _STATS_UNRUNNABLE: Final = (
     "WHERE state = 'queued' AND error_code = 'UNKNOWN_TASK' GROUP BY queue, type "
     "ORDER BY queue, type"
 )
+
+
+X = TypeVar("X")
+R = TypeVar("R")
+
+
+class Batcher(Generic[X, R]):
+    """Group commit: concurrent ``submit`` calls share one ``write`` (one transaction).
+
+    No background task: the first caller to find no writer becomes the writer, writes what is
+    waiting (up to ``limit`` items a time) until its own item is written, then steps down;
+    whoever is still waiting takes over. The write runs in a thread and is shielded, so a
+    cancelled writer finishes its batch (and its callers hear the outcome) before it leaves.
+    If the batch fails, every item in it gets the error: nothing of it was stored.
+    """
+
+    def __init__(
+        self, store: Store, write: Callable[[Any, list[X]], list[R]], limit: int = 256
+    ) -> None:
+        self.store = store
+        self.write = write
+        self.limit = limit
+        self.waiting: list[_Item[X, R]] = []
+        self.writing = False
+        self.round: anyio.Event | None = None  # set when a batch is written
+
+    async def submit(self, value: X) -> R:
+        item: _Item[X, R] = _Item(value)
+        self.waiting.append(item)
+        while not item.done:
+            if self.writing:
+                if self.round is None:
+                    self.round = anyio.Event()
+                await self.round.wait()
+                continue
+            self.writing = True
+            try:
+                while not item.done:
+                    batch, self.waiting = self.waiting[: self.limit], self.waiting[self.limit :]
+                    with anyio.CancelScope(shield=True):
+                        try:
+                            results = await self.store._run(
+                                lambda conn: self.write(conn, [it.value for it in batch])
+                            )
+                        except Exception as exc:
+                            for it in batch:
+                                it.error, it.done = exc, True
+                        else:
+                            for it, result in zip(batch, results, strict=True):
+                                it.result, it.done = result, True
+            finally:
+                self.writing = False
+                if self.round is not None:
+                    self.round.set()
+                    self.round = None
+        if item.error is not None:
+            raise item.error
+        return item.result  # type: ignore[return-value]
+
+
+class _Item(Generic[X, R]):
+    __slots__ = ("done", "error", "result", "value")
+
+    def __init__(self, value: X) -> None:
+        self.value = value
+        self.done = False
+        self.result: R | None = None
+        self.error: Exception | None = None
 
 
 def _claimed(row: Sequence[Any], token: str) -> Claimed:
