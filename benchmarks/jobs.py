@@ -94,9 +94,7 @@ async def wait_until(count: Callable[[], Any], n: int, timeout: float) -> float:
     return time.perf_counter()
 
 
-async def latency_samples(
-    enqueue: Callable[[str], Any], fifo: Fifo, samples: int
-) -> list[float]:
+async def latency_samples(enqueue: Callable[[str], Any], fifo: Fifo, samples: int) -> list[float]:
     out = []
     for _ in range(samples):
         await asyncio.sleep(0.05)
@@ -209,7 +207,7 @@ async def run_huey(n: int, samples: int, work_dir: Path) -> dict[str, Any]:
 
 # -- procrastinate ----------------------------------------------------------------------------
 
-PROCRASTINATE_APP = '''
+PROCRASTINATE_APP = """
 import os, procrastinate
 from benchmarks._jobs_tasks import noop_body, ping_body
 app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=os.environ["BENCH_PG"]))
@@ -219,7 +217,7 @@ def noop():
 @app.task(name="ping", queue="bench")
 def ping(fifo):
     return ping_body(fifo)
-'''
+"""
 
 
 async def run_procrastinate(url: str, n: int, samples: int, work_dir: Path) -> dict[str, Any]:
@@ -234,10 +232,11 @@ async def run_procrastinate(url: str, n: int, samples: int, work_dir: Path) -> d
     env = {**os.environ, "PYTHONPATH": f"{work_dir}:{ROOT}"}
     async with app.open_async():
         await app.schema_manager.apply_schema_async()
+    err = (work_dir / "worker.err").open("wb")
     worker = subprocess.Popen(
         [sys.executable, "-m", "procrastinate", "--app", "bench_procrastinate_app.app",
          "worker", "--queues", "bench", "--concurrency", "2"],
-        env=env, cwd=work_dir, stdout=subprocess.DEVNULL, stderr=open(work_dir / "worker.err", "wb"),
+        env=env, cwd=work_dir, stdout=subprocess.DEVNULL, stderr=err,
     )  # fmt: skip
     fifo = Fifo(work_dir)
     try:
@@ -277,6 +276,7 @@ async def run_procrastinate(url: str, n: int, samples: int, work_dir: Path) -> d
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
+        err.close()
         fifo.close()
         sys.modules.pop("bench_procrastinate_app", None)
         sys.path.remove(str(work_dir))
@@ -382,7 +382,7 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
         mid = statistics.median(values)
         if len(values) == 1:
             return format(mid, fmt)
-        return f"{format(mid, fmt)} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+        return f"{format(mid, fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
     failures = {s: sum(r.get("failed", 0) for r in runs) for s, runs in results.items()}
     for system, runs in results.items():

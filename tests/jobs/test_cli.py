@@ -76,7 +76,8 @@ def test_work_once_then_look_after_the_failed_jobs(
             return {k: await jobs.get(v) for k, v in ids.items()}
 
     after = anyio.run(states)
-    assert after["ok"] is None and after["later"] is None
+    assert after["ok"] is None
+    assert after["later"] is None
     assert (after["bad1"].state, after["bad1"].attempts) == ("queued", 0)
     assert after["bad2"].state == "queued"
 

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import uvicorn
@@ -59,8 +60,8 @@ async def test_the_example_enqueues_in_a_handler_and_works_in_the_lifespan(
                 assert job["state"] in ("queued", "running"), job
                 await asyncio.sleep(0.05)  # a client polling the status route, as users do
         assert job["attempts"] == 1
-        mail = Path(job["result"])
-        assert mail.read_text().startswith("To: ada@example.com\n")
+        mail = await anyio.Path(job["result"]).read_text()
+        assert mail.startswith("To: ada@example.com\n")
         assert sorted(p.name for p in (tmp_path / "outbox").iterdir()) == ["welcome-42.eml"]
         health = await client.get("/health")
         assert health.status_code == 200

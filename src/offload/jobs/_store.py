@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, Generic, TypeVar
 
 import anyio
@@ -286,7 +287,8 @@ class Store(abc.ABC):
         """
         return await self._enqueues.submit(job)
 
-    def _insert_many(self, conn: Any, jobs: list[NewJob]) -> list[bool]:
+    def _insert_many(self, conn: Any, values: list[NewJob]) -> list[bool]:
+        jobs = values
         now = self.now()
         rows: list[str] = []
         params: dict[str, Any] = {"now": now}
@@ -419,18 +421,30 @@ class Store(abc.ABC):
         """
         return await self._finishes.submit(outcome)
 
-    def _finish_many(self, conn: Any, outcomes: list[Outcome]) -> list[str | None]:
+    def _finish_many(self, conn: Any, values: list[Outcome]) -> list[str | None]:
+        outcomes = values
         states: list[str | None] = []
         with self._pipeline(conn), self._transaction(conn):
             now = self.now()
             requeued: set[str] = set()
             cursors = []
+            done = [o for o in outcomes if o.kind == "done"]
+            done_states: dict[str, str] = {}
+            if done:  # one statement for every job that succeeded
+                params: dict[str, Any] = {"now": now}
+                rows = []
+                for i, o in enumerate(done):
+                    params.update({f"id_{i}": o.id, f"token_{i}": o.token, f"result_{i}": o.result})
+                    rows.append(f"(:id_{i}, :token_{i}, :result_{i})")
+                for job_id, state in self.execute(
+                    conn, _DONE_MANY.format(values=", ".join(rows)), params
+                ).fetchall():
+                    done_states[job_id] = state
             for outcome in outcomes:
-                params: dict[str, Any] = {"id": outcome.id, "token": outcome.token, "now": now}
+                params = {"id": outcome.id, "token": outcome.token, "now": now}
                 if outcome.kind == "done":
-                    params["result"] = outcome.result
-                    cursors.append(self.execute(conn, _DONE, params))
-                elif outcome.kind == "release":
+                    continue
+                if outcome.kind == "release":
                     cursors.append(self.execute(conn, _RELEASE, params))
                 else:
                     params.update(
@@ -442,8 +456,12 @@ class Store(abc.ABC):
                         traceback=outcome.traceback,
                     )
                     cursors.append(self.execute(conn, _FAIL, params))
-            for cur in cursors:
-                row = cur.fetchone()
+            others = iter(cursors)
+            for outcome in outcomes:
+                if outcome.kind == "done":
+                    states.append(done_states.get(outcome.id))
+                    continue
+                row = next(others).fetchone()
                 states.append(None if row is None else row[0])
                 if row is not None and row[0] == "queued":
                     requeued.add(row[1])
@@ -648,8 +666,7 @@ _NEXT_DUE: Final = (
     "ORDER BY run_at LIMIT 1)"
 )
 _NEXT: Final = (
-    "SELECT {due}, (SELECT MIN(lease_until) FROM offload_jobs WHERE state = 'running' "
-    "AND {queues})"
+    "SELECT {due}, (SELECT MIN(lease_until) FROM offload_jobs WHERE state = 'running' AND {queues})"
 )
 
 _RENEW: Final = (
@@ -659,10 +676,12 @@ _RENEW: Final = (
 
 _MINE: Final = "WHERE id = :id AND token = :token AND state = 'running'"
 
-_DONE: Final = (
-    "UPDATE offload_jobs SET state = 'done', finished_at = :now, result = :result, "
+_DONE_MANY: Final = (
+    "WITH v (id, token, result) AS (VALUES {values}) "
+    "UPDATE offload_jobs SET state = 'done', finished_at = :now, result = v.result, "
     "error_code = NULL, error_type = NULL, error = NULL, traceback = NULL, token = NULL, "
-    f"lease_until = NULL {_MINE} RETURNING state, queue"
+    "lease_until = NULL FROM v WHERE offload_jobs.id = v.id AND offload_jobs.token = v.token "
+    "AND offload_jobs.state = 'running' RETURNING offload_jobs.id, offload_jobs.state"
 )
 
 _RELEASE: Final = (
@@ -718,9 +737,7 @@ class Batcher(Generic[X, R]):
     If the batch fails, every item in it gets the error: nothing of it was stored.
     """
 
-    def __init__(
-        self, store: Store, write: Callable[[Any, list[X]], list[R]], limit: int = 256
-    ) -> None:
+    def __init__(self, store: Store, write: Callable[..., list[R]], limit: int = 256) -> None:
         self.store = store
         self.write = write
         self.limit = limit
@@ -741,11 +758,10 @@ class Batcher(Generic[X, R]):
             try:
                 while not item.done:
                     batch, self.waiting = self.waiting[: self.limit], self.waiting[self.limit :]
+                    values = [it.value for it in batch]
                     with anyio.CancelScope(shield=True):
                         try:
-                            results = await self.store._run(
-                                lambda conn: self.write(conn, [it.value for it in batch])
-                            )
+                            results = await self.store._run(partial(self.write, values=values))
                         except Exception as exc:
                             for it in batch:
                                 it.error, it.done = exc, True
