@@ -172,3 +172,23 @@ def test_a_full_disk_is_store_full_and_keeps_every_job_it_accepted(tmp_path: Pat
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     conn.close()
+
+
+async def test_without_a_doorbell_a_worker_falls_back_to_looking_every_poll_interval(
+    tmp_path: Path, manager: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "jobs.db"
+    async with JobQueue(f"sqlite://{db}") as jobs:
+        wake = jobs._store.doorbell.directory  # type: ignore[attr-defined]
+        wake.write_text("not a directory")  # so the doorbell cannot be made
+        job_id = await jobs.enqueue("jobs-test:add", {"a": 2, "b": 3})
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: jobs.work(manager, poll_interval=0.2, stop=stop))
+            with anyio.fail_after(30):
+                while (info := await jobs.get(job_id)) is None or info.state != "done":
+                    await anyio.sleep(0.05)  # noqa: ASYNC110  (the fallback polls: so does this)
+            stop.set()
+        wake.unlink()
+    assert info.result == 5
+    assert "cannot listen for new jobs" in caplog.text

@@ -40,7 +40,7 @@ from ._model import (
     priority_name,
     should_retry,
 )
-from ._store import Claimed, Outcome, Store
+from ._store import Claimed, Outcome, Store, Subscription
 
 __all__ = ("Executor", "Runner")
 
@@ -64,6 +64,14 @@ class _Running:
     #: Why the scope was cancelled by us: "lease" (lost it), "release" (stopping).
     why: str = ""
     renewed_at: float = field(default=0.0)
+
+
+class _NoDoorbell(Subscription):
+    async def wait(self) -> None:
+        await anyio.sleep_forever()
+
+    async def aclose(self) -> None:
+        pass
 
 
 def registered_types() -> list[str]:
@@ -115,7 +123,16 @@ class Runner:
     # -- the loop --------------------------------------------------------------------------
 
     async def run(self) -> int:
-        subscription = await self.store.subscribe()
+        try:
+            subscription = await self.store.subscribe()
+        except OSError as exc:  # e.g. no room for the doorbell socket next to the database
+            log.warning(
+                "worker %s: cannot listen for new jobs (%s); looking every %.1f s instead",
+                self.worker,
+                exc,
+                self.poll_interval,
+            )
+            subscription = _NoDoorbell()
         try:
             async with anyio.create_task_group() as jobs, anyio.create_task_group() as helpers:
                 helpers.start_soon(self._listen, subscription)
