@@ -92,7 +92,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--grace", type=float, default=30.0, help="seconds to finish running jobs on SIGTERM"
     )
     work.add_argument(
-        "--poll-interval", type=float, default=5.0, help="look at the store at least this often"
+        "--health-interval",
+        type=float,
+        default=30.0,
+        help="ping idle worker processes this often (30 s: a host that waits for jobs most of "
+        "the time stays under 1 %% of a core)",
+    )
+    work.add_argument(
+        "--poll-interval",
+        type=float,
+        default=30.0,
+        help="look at the store at least this often (30 s)",
     )
 
     command("stats", "counts per queue and state, the oldest due job's age").add_argument(
@@ -162,7 +172,9 @@ async def _work(jobs: JobQueue, args: argparse.Namespace) -> int:
     queues = args.queues or ["default"]
     stop = anyio.Event()
     async with (
-        WorkerManager(workers=args.workers, kind=args.kind) as wm,
+        WorkerManager(
+            workers=args.workers, kind=args.kind, health_interval=args.health_interval
+        ) as wm,
         anyio.create_task_group() as tg,
     ):
         work_scope = anyio.CancelScope()

@@ -281,7 +281,7 @@ class JobQueue:
         once: bool = False,
         lease: float = 30.0,
         grace: float = 30.0,
-        poll_interval: float = 5.0,
+        poll_interval: float = 30.0,
         stop: anyio.Event | None = None,
     ) -> int:
         """Run jobs from ``queues`` on ``manager`` until cancelled (or drained, with ``once``).

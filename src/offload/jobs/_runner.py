@@ -111,6 +111,7 @@ class Runner:
         self._wake = anyio.Event()
         self._stopping = False
         self._idle = anyio.Event()
+        self._started = anyio.Event()  # set when a job starts (the renewer waits for one)
         self._unknown_at = -math.inf
 
     def _ring(self) -> None:
@@ -236,6 +237,7 @@ class Runner:
         scope = anyio.CancelScope(deadline=claimed_at + self.lease - self.margin)
         run = _Running(job, scope, renewed_at=claimed_at)
         self.running[job.id] = run
+        self._started.set()
         jobs.start_soon(self._run_job, run, name=f"offload-job {job.id}")
 
     async def _run_job(self, run: _Running) -> None:
@@ -350,6 +352,9 @@ class Runner:
 
     async def _renew_loop(self) -> None:
         while True:
+            if not self.running:  # nothing to renew: sleep until a job starts (no idle wakes)
+                self._started = anyio.Event()
+                await self._started.wait()
             await anyio.sleep(self.lease / 3)
             if not self.running:
                 continue
