@@ -324,11 +324,17 @@ class Doorbell:
                         raise
 
     def subscribe(self) -> SocketSubscription:
-        self.directory.mkdir(parents=True, exist_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         path = self.directory / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
-            sock.bind(str(path))
+            for attempt in range(3):
+                self.directory.mkdir(parents=True, exist_ok=True)
+                try:
+                    sock.bind(str(path))
+                    break
+                except FileNotFoundError:  # the last waiter removed the directory just now
+                    if attempt == 2:
+                        raise
         except BaseException:
             sock.close()
             raise
@@ -356,5 +362,7 @@ class SocketSubscription(Subscription):
     async def aclose(self) -> None:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.path.parent)  # the last one out removes the directory
         anyio.notify_closing(self.sock)
         self.sock.close()
