@@ -55,6 +55,14 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "benchmarks", *session.posargs)
 
 
+@nox.session(python="3.11", name="bench-jobs")
+def bench_jobs(session: nox.Session) -> None:
+    """Durable jobs against huey and procrastinate: ``nox -s bench-jobs -- --quick``."""
+    session.install("-e", ".[all]")
+    install_group(session, "bench")
+    session.run("python", "-m", "benchmarks.jobs", *session.posargs)
+
+
 @nox.session(python="3.11")
 def demo(session: nox.Session) -> None:
     """The README's main job."""

@@ -9,6 +9,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from ._demo import add_arguments, run_from_args
+    from .jobs import _cli as jobs_cli
 
     parser = argparse.ArgumentParser(prog="offload", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -19,7 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         "--local", action="store_true", help="a mixed workload on local process workers"
     )
     add_arguments(demo)  # --seconds, --json, --workers, ... (see offload._demo)
+    jobs_cli.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "jobs":
+        return jobs_cli.run(args)
     if args.command == "demo":
         if args.local:
             from ._quickdemo import run_local_demo
