@@ -63,15 +63,6 @@ async def jobs(store_url: str) -> AsyncIterator[JobQueue]:
 
 @pytest.fixture
 async def manager(anyio_backend: str) -> AsyncIterator[offload.WorkerManager]:
-    """``WorkerManager(workers=2)``; skipped on trio while the manager needs asyncio."""
-    wm = offload.WorkerManager(workers=2)
-    try:
-        await wm.start()
-    except RuntimeError as exc:
-        if anyio_backend == "trio" and "event loop" in str(exc):
-            pytest.skip("offload.WorkerManager does not run on trio yet (its core is asyncio)")
-        raise
-    try:
+    """``WorkerManager(workers=2)`` on the test's backend (asyncio or trio)."""
+    async with offload.WorkerManager(workers=2) as wm:
         yield wm
-    finally:
-        await wm.shutdown()

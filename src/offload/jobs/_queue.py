@@ -12,7 +12,7 @@ from typing import Any, Self
 import anyio
 
 from .. import Priority
-from .. import _task as registry
+from .. import _registry as registry
 from ..errors import InvalidTask
 from ._errors import JobNotFound
 from ._model import (

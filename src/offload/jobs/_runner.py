@@ -28,7 +28,7 @@ from typing import Any, Final, Protocol
 
 import anyio
 
-from .. import _task as registry
+from .. import _registry as registry
 from ..errors import ManagerClosed, QueueFull
 from ._errors import StoreError
 from ._model import (
