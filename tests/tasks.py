@@ -231,3 +231,81 @@ def checksum(data: bytes | bytearray | memoryview) -> tuple[str, int]:
     import hashlib
 
     return type(data).__name__, int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
+
+
+# -- issue 10: faults by kind --------------------------------------------------------------
+
+
+def start_helper(seconds: float, pidfile: str) -> int:
+    """Start a helper process (as tasks that shell out do), note its pid, wait for it."""
+    import subprocess
+
+    helper = subprocess.Popen(["sleep", str(seconds)])
+    with open(pidfile, "w") as out:
+        out.write(str(helper.pid))
+    return helper.wait()
+
+
+def fork_then(how: str, pidfile: str) -> None:
+    """Fork a child that sleeps 25 s (it inherits the worker's pipes), then block or exit."""
+    child = os.fork()
+    if child == 0:  # the child: hold the pipes, do nothing
+        time.sleep(25)
+        os._exit(0)
+    with open(pidfile, "w") as out:
+        out.write(str(child))
+    if how == "exit":
+        os._exit(3)
+    time.sleep(30)
+
+
+def raise_huge(size: int) -> None:
+    raise ValueError("x" * size)
+
+
+def length(data: bytes) -> int:
+    return len(data)
+
+
+def niceness() -> int:
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def catastrophic_regex(n: int) -> bool:
+    """A regular expression that backtracks for a very long time inside C (no interrupt)."""
+    import re
+
+    return re.match(r"(a+)+$", "a" * n + "b") is not None
+
+
+def report_steps(steps: int, pause: float) -> int:
+    import offload
+
+    for step in range(1, steps + 1):
+        time.sleep(pause)
+        offload.report_progress(step, steps, f"step {step}")
+    return steps
+
+
+def numbers(count: int, marker: str | None = None) -> Any:
+    """A generator: yields 0..count-1; notes in ``marker`` that its finally ran."""
+    try:
+        for n in range(count):
+            yield n
+    finally:
+        if marker is not None:
+            with open(marker, "a") as out:
+                out.write("closed\n")
+
+
+def numbers_then_fail(count: int) -> Any:
+    yield from range(count)
+    raise ValueError("generator failed after its items")
+
+
+def produced_count(path: str, count: int) -> Any:
+    """Yields ``count`` items, noting in ``path`` how many it has produced so far."""
+    for n in range(count):
+        with open(path, "w") as out:
+            out.write(str(n + 1))
+        yield n

@@ -157,6 +157,8 @@ class LocalPool:
                 try:
                     await self._start_worker(spare=spare)
                 except OffloadError as exc:
+                    if self.closing:
+                        return  # stopped by the pool's own shutdown
                     self._start_failures += 1
                     delay = min(5.0, 0.05 * 2**self._start_failures) * (0.5 + random.random())
                     log.error("offload: %s; retrying in %.2f s", exc, delay)

@@ -1,28 +1,32 @@
-"""Arenas: growable shared-memory regions (memfds) that big buffers travel through.
+"""Arenas: shared-memory files (memfds) that big buffers travel through.
 
-An arena is mapped only while a payload is written or read. One that grew past ``BIG`` for a
-big payload is unmapped as soon as the payload is copied, and shrunk back (``shrink``) once the
-other side is done with it, so a single large argument does not hold its memory (or, under
-``RLIMIT_AS``, its address space) for later tasks.
+A writer puts a payload's buffers in with ``pwritev`` and the reader takes each out with
+``pread``/``preadv``: one copy each way, and neither side ever maps the arena, so a big
+payload costs no address space (``RLIMIT_AS``) beyond the object it becomes. An arena that grew
+past ``BIG`` for a big payload is shrunk back (``shrink``) once its reader is done with it, so
+a single large argument does not hold its memory for later tasks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 from typing import Final
 
-#: Above this size an arena is unmapped after each use and shrunk when freed.
+#: An arena holding more than this is shrunk back to nothing once its payload is read.
 BIG: Final = 16 << 20
+_ALIGN: Final = 64
+
+
+def aligned(offset: int) -> int:
+    return (offset + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
 class Arena:
-    """A growable shared-memory region, mapped by the parent and one worker (a memfd)."""
+    """A shared-memory file (a memfd), written by one side and read by the other."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._map: mmap.mmap | None = None
 
     @staticmethod
     def create(name: str = "offload-arena") -> int | None:
@@ -32,41 +36,53 @@ class Arena:
         except (AttributeError, OSError):
             return None
 
-    def view(self, size: int, grow: bool = False) -> memoryview:
-        """A view of the first ``size`` bytes (the writer grows the region as needed).
+    def write(self, buffers: list[memoryview]) -> None:
+        """Put ``buffers`` in, each at the next 64-byte boundary.
 
-        Raises ``OSError`` (e.g. ``ENOMEM``) or ``ValueError`` when it cannot be mapped.
+        Raises ``OSError`` (e.g. ``ENOSPC``, ``ENOMEM``) when the memory is not there.
         """
-        if self._map is None or len(self._map) < size:
-            have = os.fstat(self.fd).st_size
-            if have < size:
-                if not grow:
-                    raise ValueError("the arena is smaller than the frame says")
-                have = max(size, 2 * have) if size <= BIG else size
-                os.ftruncate(self.fd, have)
-            self._drop_map()
-            self._map = mmap.mmap(self.fd, have)
-        return memoryview(self._map)[:size]
+        offset = 0
+        for buffer in buffers:
+            view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+            done = 0
+            size = view.nbytes
+            while done < size:
+                done += os.pwrite(self.fd, view[done:], offset + done)
+            offset = aligned(offset + size)
 
-    def unmap_if_big(self) -> None:
-        """Unmap a big region now (its pages stay in the memfd until ``shrink``)."""
-        if self._map is not None and len(self._map) > BIG:
-            self._drop_map()
+    def read(self, offset: int, size: int) -> bytes:
+        """``size`` bytes from ``offset``, as a new ``bytes``."""
+        data = os.pread(self.fd, size, offset)
+        if len(data) == size:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < size:
+            more = os.pread(self.fd, size - got, offset + got)
+            if not more:
+                raise ValueError("the arena is smaller than the frame says")
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def read_into(self, offset: int, size: int) -> bytearray:
+        """``size`` bytes from ``offset``, as a new ``bytearray`` (one copy)."""
+        out = bytearray(size)
+        with memoryview(out) as view:
+            got = 0
+            while got < size:
+                n = os.preadv(self.fd, [view[got:]], offset + got)
+                if not n:
+                    raise ValueError("the arena is smaller than the frame says")
+                got += n
+        return out
 
     def shrink(self) -> None:
-        """Give a big region's memory back (the arena is free: no one reads it now)."""
-        self.unmap_if_big()
+        """Give a big arena's memory back (its payload has been read)."""
         with contextlib.suppress(OSError):
-            if self._map is None and os.fstat(self.fd).st_size > BIG:
+            if os.fstat(self.fd).st_size > BIG:
                 os.ftruncate(self.fd, 0)
 
-    def _drop_map(self) -> None:
-        if self._map is not None:
-            with contextlib.suppress(BufferError):  # a view is still out: it keeps the map
-                self._map.close()
-            self._map = None
-
     def close(self) -> None:
-        self._drop_map()
         with contextlib.suppress(OSError):
             os.close(self.fd)

@@ -14,6 +14,7 @@ import struct
 import traceback
 from typing import TYPE_CHECKING, Any, Final
 
+from .arena import aligned
 from .protocol import PICKLE_PROTOCOL
 
 if TYPE_CHECKING:
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 SHARED_MIN: Final = 1 << 16  # buffers from this size up travel out of band
 INLINE: Final = 255  # arena number of a body whose buffers follow its pickle in the frame
 _BODY: Final = struct.Struct("<BI")  # arena number, buffer count; then a <Q size and a flag each
-_ALIGN: Final = 64
 #: Longest exception message or traceback text sent for display (the exception itself, when it
 #: pickles within the payload cap, keeps its full message).
 MAX_TEXT: Final = 64 * 1024
@@ -178,12 +178,7 @@ class Payload:
         parts = [memoryview(bytes(head)), memoryview(self.data)]
         if arena is None:
             return parts + self.buffers
-        with arena.view(_span(sizes), grow=True) as view:
-            offset = 0
-            for buffer in self.buffers:
-                view[offset : offset + buffer.nbytes] = buffer
-                offset = _aligned(offset + buffer.nbytes)
-        arena.unmap_if_big()
+        arena.write(self.buffers)
         return parts
 
 
@@ -316,14 +311,6 @@ def _immutable(buffer: bytes | bytearray | memoryview) -> bool:
     return type(buffer) is memoryview and type(buffer.obj) is bytes
 
 
-def _aligned(offset: int) -> int:
-    return (offset + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-def _span(sizes: list[int]) -> int:
-    return _aligned(sum(_aligned(size) for size in sizes)) or _ALIGN
-
-
 def body_arena(body: memoryview) -> int | None:
     """The arena number a body's buffers are in, or ``None`` when they are inline."""
     number: int = body[0]
@@ -331,10 +318,12 @@ def body_arena(body: memoryview) -> int | None:
 
 
 def decode_body(body: memoryview, arenas: list[Arena]) -> tuple[memoryview, list[Any], Any]:
-    """A body's pickle and buffers (views of the frame or of an arena), and the arena's view.
+    """A body's pickle and buffers, and (always ``None`` now) a view to release.
 
-    Release the returned view (if any) once the pickle is loaded: the arena is then free.
-    Raises ``OSError``/``ValueError`` when the arena cannot be mapped.
+    Inline buffers are views of the frame; buffers in an arena are read out of it, each
+    into its own object (``bytes`` for offload's own rebuilders, ``bytearray`` for others),
+    so nothing keeps the arena, or maps it. Raises ``OSError``/``ValueError`` when the arena
+    cannot be read (e.g. no memory for the copy).
     """
     number, count = _BODY.unpack_from(body)
     sizes = struct.unpack_from(f"<{count}Q", body, _BODY.size)
@@ -343,15 +332,20 @@ def decode_body(body: memoryview, arenas: list[Arena]) -> tuple[memoryview, list
     inline = number == INLINE
     data_end = len(body) - (sum(sizes) if inline else 0)
     data = body[flags_at + count : data_end]
-    held = None if inline else arenas[number].view(_span(list(sizes)))
-    source = body if held is None else held
-    offset = data_end if inline else 0
     buffers: list[Any] = []
+    if inline:
+        offset = data_end
+        for size, lend in zip(sizes, lendable, strict=True):
+            piece = body[offset : offset + size]
+            buffers.append(piece if lend else bytearray(piece))
+            offset += size
+        return data, buffers, None
+    arena = arenas[number]
+    offset = 0
     for size, lend in zip(sizes, lendable, strict=True):
-        piece = source[offset : offset + size]
-        buffers.append(piece if lend else bytearray(piece))
-        offset += size if inline else _aligned(size)
-    return data, buffers, held
+        buffers.append(arena.read(offset, size) if lend else arena.read_into(offset, size))
+        offset = aligned(offset + size)
+    return data, buffers, None
 
 
 def release(buffers: list[Any], held: memoryview | None) -> bool:
