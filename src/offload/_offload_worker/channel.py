@@ -7,6 +7,7 @@ import threading
 from collections import deque
 from typing import Final
 
+from .locks import locked
 from .protocol import HEADER, frame
 
 _READ_CHUNK: Final = 1 << 20
@@ -21,7 +22,9 @@ class Channel:
         self.buffer = bytearray()
         self.frames: deque[tuple[int, int, memoryview, float]] = deque()
         self.eof = False
-        self.send_lock = threading.Lock()  # the watcher thread answers pings too
+        # The watcher thread answers pings too. An RLock: the main thread takes it through
+        # ``locked``, safe against an interrupt landing around the acquire.
+        self.send_lock = threading.RLock()
 
     def _fill(self) -> None:
         chunk = os.read(self.rfd, _READ_CHUNK)
@@ -81,10 +84,12 @@ class Channel:
         self.send_parts(frame(wire_id, tag, payload, seconds))
 
     def send_parts(self, parts: list[memoryview]) -> None:
-        with self.send_lock:
+        def write() -> None:
             while parts:
                 written = os.writev(self.wfd, parts)
                 while parts and written >= len(parts[0]):
                     written -= len(parts.pop(0))
                 if parts and written:
                     parts[0] = parts[0][written:]
+
+        locked(self.send_lock, write)

@@ -23,6 +23,7 @@ from . import ring as ring_module
 from .arena import Arena
 from .channel import Channel
 from .codec import Payload
+from .locks import locked
 from .watcher import FINISHING, IDLE, LOADING, RUNNING, Gate, Interrupted, Watcher, set_async_exc
 
 #: A task estimated above this announces the answers before it first (seconds).
@@ -47,10 +48,13 @@ class _Progress:
 
     def report(self, done: float, total: float | None, message: str | None) -> None:
         now = time.monotonic()
-        with self.gate.lock:
+
+        def record() -> None:
             self.latest = (done, total, message, now - self.started)
             if now - self.last_sent >= PROGRESS_INTERVAL:
                 self._send(now)
+
+        locked(self.gate.lock, record)  # (the task runs: an interrupt may land here)
 
     def due(self) -> float | None:
         """Seconds until a pending event may be sent (the watcher asks), or ``None``."""
@@ -62,6 +66,12 @@ class _Progress:
         """Send the pending event, if any (the lock is held)."""
         if self.latest is not None:
             self._send(time.monotonic())
+
+    def flush_if_due(self) -> None:
+        """The watcher's timer: send a pending event whose interval has passed."""
+        with self.gate.lock:
+            if self.latest is not None and self.due() == 0.0:
+                self._send(time.monotonic())
 
     def _send(self, now: float) -> None:
         assert self.latest is not None
@@ -182,6 +192,7 @@ class _Worker:
             flush=self.outbox.announce,
         )
         self.watcher.progress = self._progress_due
+        self.watcher.flush_progress = self._progress_flush
 
     def _open_shared(self, settings: dict[str, Any]) -> None:
         """This side's handles on the parent's ring and arenas (duplicated: an interpreter
@@ -216,6 +227,11 @@ class _Worker:
     def _progress_due(self) -> float | None:
         reporter = _progress
         return reporter.due() if reporter is not None else None
+
+    def _progress_flush(self) -> None:
+        reporter = _progress
+        if reporter is not None:
+            reporter.flush_if_due()
 
     def loop(self) -> None:
         channel = self.channel
@@ -275,7 +291,8 @@ class _Worker:
             gate.done_upto = wire_id
             gate.current = 0
             gate.phase = IDLE
-            gate.credits.pop(wire_id, None)
+            gate.granted.pop(wire_id, None)
+            gate.sent.pop(wire_id, None)
             gate.closing.discard(wire_id)
             gate.revoked = {w for w in gate.revoked if w > wire_id} if gate.revoked else set()
         if ring is not None:
@@ -342,12 +359,7 @@ class _Worker:
                 else:
                     result = fn(*args, **kwargs)
             finally:
-                with gate.lock:
-                    gate.phase = FINISHING
-                    _progress = None
-                    reporter.flush()
-                    if gate.stopped_running and self.interruptible:
-                        set_async_exc(gate.target, None)  # an interrupt that came too late
+                locked(gate.lock, lambda: self._finishing(reporter))
         except Interrupted:
             return b"", p.INTERRUPTED, time.perf_counter() - started
         except _StreamEnd as end:
@@ -358,6 +370,16 @@ class _Worker:
         elapsed = time.perf_counter() - started
         del fn, args, kwargs
         return self._encode(result, elapsed)
+
+    def _finishing(self, reporter: _Progress) -> None:
+        """The call is over: no interrupt may come from now on (the lock is held)."""
+        global _progress
+        gate = self.gate
+        gate.phase = FINISHING
+        _progress = None
+        reporter.flush()
+        if gate.stopped_running and self.interruptible:
+            set_async_exc(gate.target, None)  # drop an interrupt that came too late
 
     def _encode(self, result: Any, elapsed: float) -> tuple[bytes | Payload, int, float]:
         try:
@@ -373,13 +395,10 @@ class _Worker:
 
     def _stream(self, wire_id: int, fn: Any, args: Any, kwargs: Any, credit: int) -> None:
         """Run a generator function, sending each item as the consumer's credit allows."""
-        gate = self.gate
-        with gate.lock:
-            gate.credits[wire_id] = gate.credits.get(wire_id, 0) + credit
         iterator = iter(fn(*args, **kwargs))
         try:
             for item in iterator:
-                if not self._take_credit(wire_id):
+                if not self._take_credit(wire_id, credit):
                     break  # the consumer left: close the generator (its finally runs)
                 self._send_item(wire_id, item)
         finally:
@@ -387,18 +406,21 @@ class _Worker:
             if close is not None:
                 close()
 
-    def _take_credit(self, wire_id: int) -> bool:
-        """Wait until the consumer wants one more item; ``False`` if it closed the stream."""
+    def _take_credit(self, wire_id: int, initial: int) -> bool:
+        """Wait until the consumer wants one more item; ``False`` if it closed the stream.
+
+        Lock-free (the task runs: an interrupt may land anywhere here): the watcher only adds
+        to ``granted``, this thread only to ``sent``.
+        """
         gate = self.gate
-        with gate.changed:
-            while True:
-                if wire_id in gate.closing:
-                    return False
-                if gate.credits.get(wire_id, 0) > 0:
-                    gate.credits[wire_id] -= 1
-                    return True
-                # (a timed wait: an interrupt is delivered only between waits)
-                gate.changed.wait(0.05)
+        while True:
+            if wire_id in gate.closing:
+                return False
+            sent = gate.sent.get(wire_id, 0)
+            if initial + gate.granted.get(wire_id, 0) - sent > 0:
+                gate.sent[wire_id] = sent + 1
+                return True
+            time.sleep(0.002)
 
     def _send_item(self, wire_id: int, item: Any) -> None:
         depth = 2 if codec.may_hold_buffers((item,)) else 0

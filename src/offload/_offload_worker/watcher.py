@@ -37,15 +37,19 @@ class Gate:
     """What the main thread and the watcher share: the current task and the stop requests."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.changed = threading.Condition(self.lock)  # credits, closes, wakes, stops
+        # (an RLock: ``locked`` can tell whether this thread still owns it)
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)  # closes, wakes, stops
         self.current = 0  # wire id being loaded, run or finished
         self.phase = IDLE
         self.done_upto = 0  # every wire id up to this one has its answer (or was skipped)
         self.revoked: set[int] = set()  # not started yet, never to start (REVOKED was sent)
         self.stop_current = False  # STOP or TAKE_BACK came while the current task loaded
         self.stopped_running = False  # STOP came while it ran: it is being interrupted
-        self.credits: dict[int, int] = {}  # streams: how many more items each may send
+        # Streams: items the consumer allowed (the watcher adds) and items sent (the main thread
+        # adds); two counters with one writer each, so no lock is needed.
+        self.granted: dict[int, int] = {}
+        self.sent: dict[int, int] = {}
         self.closing: set[int] = set()  # streams asked to close
         self.target = threading.get_ident()  # the main thread: where interrupts are raised
         self.unflushed_since: float | None = None  # answers in the ring not announced yet
@@ -71,7 +75,8 @@ class Watcher:
         self.flush = flush
         self.parent_fd = _pidfd(parent_pid) if parent_pid is not None else None
         self.parent_pid = parent_pid
-        self.progress: Callable[[], float | None] | None = None  # flush pending progress
+        self.progress: Callable[[], float | None] | None = None  # when progress is due
+        self.flush_progress: Callable[[], None] | None = None
         self._wake_r, self._wake_w = os.pipe()  # stop(): the worker is done
         # (not a daemon: an isolated subinterpreter allows none; stop() ends it)
         self.thread = threading.Thread(target=self._run, name="offload-watch")
@@ -144,6 +149,8 @@ class Watcher:
 
     def _on_timer(self) -> None:
         gate = self.gate
+        if self.flush_progress is not None:
+            self.flush_progress()
         since = gate.unflushed_since
         if since is not None and time.monotonic() - since >= FLUSH_AFTER:
             with gate.lock:
@@ -160,7 +167,7 @@ class Watcher:
             if op == p.STOP or op == p.TAKE_BACK:
                 self._stop(wire_id, take_back=op == p.TAKE_BACK)
             elif op == p.CREDIT:
-                gate.credits[wire_id] = gate.credits.get(wire_id, 0) + value
+                gate.granted[wire_id] = gate.granted.get(wire_id, 0) + value
             elif op == p.CLOSE:
                 gate.closing.add(wire_id)
             gate.changed.notify_all()  # (WAKE: just this)
