@@ -316,6 +316,8 @@ setup() {
   for python in "${PYTHONS[@]}"; do
     [ -x "$ROOT/usr/bin/python$python" ] || missing+=("python$python" "python$python-venv")
   done
+  # The mirror may serve a dated snapshot of sid, whose Release apt would call expired.
+  echo 'Acquire::Check-Valid-Until "false";' >"$ROOT/etc/apt/apt.conf.d/99offload"
   enter
   if [ "${#missing[@]}" -gt 0 ]; then
     # A root made before this Python was added here.
