@@ -306,26 +306,33 @@ make_root() {
   mv "$new" "$ROOT"
 }
 
+root_complete() {
+  # Are all of $PACKAGES installed in the root?
+  local status
+  # shellcheck disable=SC2016,SC2086
+  status=$(chroot "$ROOT" dpkg-query -W -f='${db:Status-Status}\n' ${PACKAGES//,/ } 2>/dev/null) ||
+    return 1
+  ! grep -qvx installed <<<"$status"
+}
+
 setup() {
   require
   mkdir -p "$(dirname "$ROOT")"
   if [ ! -f "$READY" ]; then
     make_root
   fi
-  local python missing=()
-  for python in "${PYTHONS[@]}"; do
-    [ -x "$ROOT/usr/bin/python$python" ] || missing+=("python$python" "python$python-venv")
-  done
   # The mirror may serve a dated snapshot of sid, whose Release apt would call expired.
   echo 'Acquire::Check-Valid-Until "false";' >"$ROOT/etc/apt/apt.conf.d/99offload"
   enter
-  if [ "${#missing[@]}" -gt 0 ]; then
-    # A root made before this Python was added here.
-    in_root sh -c 'apt-get update -qq && apt-get install -y -qq "$@" >/dev/null' sh "${missing[@]}"
+  if ! root_complete; then
+    # A root made before a package was added here, or one that lost it.
+    # shellcheck disable=SC2086  # the package list is split on purpose
+    in_root sh -c 'apt-get update -qq && apt-get install -y -qq "$@" >/dev/null' sh ${PACKAGES//,/ }
   fi
+  local python
   for python in "${PYTHONS[@]}"; do
-    [ -x "$ROOT$VENVS/venv-$python/bin/python" ] ||
-      in_root "python$python" -m venv "$VENVS/venv-$python"
+    chroot "$ROOT" "$VENVS/venv-$python/bin/python" -c 'import pip' 2>/dev/null ||
+      in_root "python$python" -m venv --clear "$VENVS/venv-$python"
   done
   date -u +%FT%TZ >"$READY"
   unmount_all
