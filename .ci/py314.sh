@@ -271,7 +271,11 @@ in_root() {
     http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
     [ -z "${!name+set}" ] || vars+=("$name=${!name}")
   done
-  local command=(chroot "$ROOT" /usr/bin/env -i -C "$dir" "${vars[@]}" "${PIP_ENV[@]}" "$@")
+  # --default-signal: bash starts a background command with SIGINT and SIGQUIT ignored, and so
+  # would everything it runs be (Python would not raise KeyboardInterrupt): undo that.
+  # shellcheck disable=SC2054  # the comma belongs to env's option
+  local command=(chroot "$ROOT" /usr/bin/env -i -C "$dir" --default-signal=INT,QUIT
+    "${vars[@]}" "${PIP_ENV[@]}" "$@")
   if [ -n "${FOREGROUND:-}" ]; then "${command[@]}"; return; fi
   # In the background and waited for, so that a signal to this script is handled at once: the
   # EXIT trap stops the command, then unmounts (a foreground child would delay the trap).
