@@ -13,6 +13,7 @@ import atexit
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -28,6 +29,7 @@ HOST_PYTHONS = ["3.11", "3.12", "3.13"]  # this machine's (pyenv)
 SID_PYTHONS = ["3.14", "3.15"]  # Debian sid's, in the chroot of .ci/py314.sh
 TEST_EXTRAS = "all,dask"
 SID_SCRIPT = ".ci/py314.sh"
+SID_CAP = "15m"  # the most one sid test session may take (timeout(1) duration)
 IN_CI = bool(os.environ.get("CI"))
 
 
@@ -100,7 +102,10 @@ def _tests_in_sid(python: str) -> None:
         elif check.returncode:
             session.error(f"{SID_SCRIPT} check failed: {check.stderr.strip()}")
         script = ["bash", SID_SCRIPT, "test", "--python", python, "--extras", TEST_EXTRAS]
-        session.run(*script, "--", *session.posargs, external=True)
+        # A cap far above the usual 2-5 minutes: a process that cannot exit (a thread stuck in
+        # a subinterpreter) fails this session instead of holding up the whole run.
+        cap = ["timeout", "--kill-after=30", SID_CAP] if shutil.which("timeout") else []
+        session.run(*cap, *script, "--", *session.posargs, external=True)
 
     tests_in_sid.__doc__ = (
         f"The test suite on Python {python} from Debian sid, in the chroot of {SID_SCRIPT} (root)."
