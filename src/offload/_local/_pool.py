@@ -23,6 +23,8 @@ import itertools
 import logging
 import random
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import anyio
@@ -30,7 +32,7 @@ import anyio.abc
 
 from .._backend import BackendStats, Outcome, OutcomeKind, OutcomeSink, Ticket
 from .._config import Config
-from .._runtime import Runtime
+from .._runtime import Runtime, Waiter
 from .._stats import WorkerInfo
 from ..errors import OffloadError, WorkerStartFailed
 from ._connection import Batch
@@ -82,6 +84,10 @@ class LocalPool:
         self._tg: anyio.abc.TaskGroup | None = None
         self._batch = Batch(self._after_pass)
         self._all_gone: anyio.Event | None = None
+        # Background work asked for from loop callbacks (no task there to start it from): the
+        # supervisor task starts it in the manager's task group.
+        self._spawns: deque[tuple[Callable[..., Awaitable[None]], tuple[Any, ...]]] = deque()
+        self._spawn_waiter: Waiter | None = None
 
     def __repr__(self) -> str:
         return f"<LocalPool {self.kind} {len(self.active)}/{self.target}>"
@@ -114,6 +120,7 @@ class LocalPool:
         if failures:
             await self.aclose(0)
             raise failures[0]
+        tg.start_soon(self._supervise)
         for _ in range(self._spare_count):
             self._spawn_spare()
         if self._config.health_interval:
@@ -138,17 +145,32 @@ class LocalPool:
         self._capacity()
         return worker
 
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run ``fn(*args)`` in the background (callable from loop callbacks)."""
+        self._spawns.append((fn, args))
+        if self._spawn_waiter is not None:
+            self._spawn_waiter.fire()
+
+    async def _supervise(self) -> None:
+        assert self._runtime is not None and self._tg is not None
+        while not self.closing:
+            waiter = self._spawn_waiter = self._runtime.waiter()
+            while self._spawns:
+                fn, args = self._spawns.popleft()
+                self._tg.start_soon(fn, *args)
+            await waiter.wait()
+
     def _spawn_spare(self) -> None:
         if self.closing or self._tg is None:
             return
         self._starting_spares += 1
-        self._tg.start_soon(self._start_in_background, True)
+        self._spawn(self._start_in_background, True)
 
     def _spawn_worker(self) -> None:
         if self.closing or self._tg is None:
             return
         self._starting += 1
-        self._tg.start_soon(self._start_in_background, False)
+        self._spawn(self._start_in_background, False)
 
     async def _start_in_background(self, spare: bool) -> None:
         """Start a worker, backing off (with jitter) while starts fail."""
@@ -203,6 +225,9 @@ class LocalPool:
         """Stop every worker: idle ones exit at once; any still running after ``grace``
         seconds are killed (processes) or abandoned (interpreters stuck in a call)."""
         self.closing = True
+        self._spawns.clear()
+        if self._spawn_waiter is not None:
+            self._spawn_waiter.fire()
         self.active, self.spares = [], []
         alive = self._alive()
         for worker in alive:

@@ -243,6 +243,8 @@ class LocalWorker:
         wire = self.wire_of(ticket)
         if wire is None or wire in self.absorbed or wire in self.stopping:
             return
+        if self._ring is not None:
+            self._ring.mark_stopped(wire)  # seen by the worker before it starts the task
         if self.kind.interrupts:
             # The watcher decides under the worker's lock: never started, or interrupted now.
             # The caller hears at once; an interpreter stuck in C is quarantined after a grace.

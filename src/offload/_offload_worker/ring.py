@@ -11,6 +11,9 @@ offset   type    writer  meaning
 24       u64     parent  answers read from the outbound arena (the worker reuses it after)
 32       u8      parent  stop: start nothing more (a quarantined interpreter)
 33       u8      worker  waiting: blocked for ring space or an arena; the parent sends WAKE
+64       u64[128] parent stopped wire ids, each in slot ``id % 128``: the worker checks its
+                         slot before it loads a task and again before it calls it, so a STOP
+                         holds even before the watcher thread has read the control pipe
 =======  ======  ======  ==============================================================
 
 Records follow: a ``u32`` length, then a whole frame (header and payload), 8-byte aligned. The
@@ -28,7 +31,9 @@ from typing import Final
 
 from .protocol import HEADER
 
-HEAD: Final = 64
+STOPS: Final = 64
+STOP_SLOTS: Final = 128
+HEAD: Final = STOPS + 8 * STOP_SLOTS
 SIZE: Final = 1 << 20  # bytes of records
 MAX_RECORD: Final = SIZE // 4  # larger frames go through an arena or the pipe
 
@@ -86,6 +91,14 @@ class Ring:
 
     def set(self, offset: int, value: int) -> None:
         _U64.pack_into(self.map, offset, value)
+
+    def mark_stopped(self, wire_id: int) -> None:
+        """The parent: ``wire_id`` must never start (written before the STOP word is sent)."""
+        self.set(STOPS + 8 * (wire_id % STOP_SLOTS), wire_id)
+
+    def stopped(self, wire_id: int) -> bool:
+        """The worker: whether the parent stopped ``wire_id``."""
+        return self.get(STOPS + 8 * (wire_id % STOP_SLOTS)) == wire_id
 
     def flag(self, offset: int) -> bool:
         return bool(self.map[offset])

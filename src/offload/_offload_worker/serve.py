@@ -269,11 +269,16 @@ class _Worker:
                 stopped = True
             else:
                 stopped = False
+                if ring is not None and ring.stopped(wire_id):
+                    gate.revoked.add(wire_id)  # stopped: the watcher may not have heard yet
                 if wire_id in gate.revoked:  # stopped or taken back before it began
+                    announced = gate.revoke_sent.pop(wire_id, False)
                     gate.revoked.discard(wire_id)
                     gate.done_upto = wire_id
                     if ring is not None:
                         ring.set(ring_module.CURRENT, 0)
+                    if not announced:
+                        self.outbox.send(wire_id, p.REVOKED, b"", 0.0)
                     return True
                 gate.current = wire_id
                 gate.phase = LOADING
@@ -327,8 +332,9 @@ class _Worker:
                     self.inbound[number].shrink()
         del payload, data, buffers
         gate = self.gate
+        ring = self.ring
         with gate.lock:
-            if gate.stop_current:
+            if gate.stop_current or (ring is not None and ring.stopped(wire_id)):
                 return b"", p.REVOKED, 0.0
             gate.phase = RUNNING
         return self._run(wire_id, fn, args, kwargs, stream, int(seconds) if stream else 0)

@@ -43,7 +43,8 @@ class Gate:
         self.current = 0  # wire id being loaded, run or finished
         self.phase = IDLE
         self.done_upto = 0  # every wire id up to this one has its answer (or was skipped)
-        self.revoked: set[int] = set()  # not started yet, never to start (REVOKED was sent)
+        self.revoked: set[int] = set()  # not started yet, never to start
+        self.revoke_sent: dict[int, bool] = {}  # ... and REVOKED was sent already
         self.stop_current = False  # STOP or TAKE_BACK came while the current task loaded
         self.stopped_running = False  # STOP came while it ran: it is being interrupted
         # Streams: items the consumer allowed (the watcher adds) and items sent (the main thread
@@ -189,6 +190,7 @@ class Watcher:
             return  # FINISHING: its answer is on its way
         if wire_id > gate.current and wire_id not in gate.revoked:
             gate.revoked.add(wire_id)
+            gate.revoke_sent[wire_id] = True
             self.channel.send(wire_id, p.REVOKED)
 
 
