@@ -121,7 +121,7 @@ def plan_task(index: int, rng: random.Random, chaos: Chaos) -> Planned:
     if fn is fault_tasks.crash or chaos.kill_every:
         allowed.add("WORKER_CRASHED")
     if timeout is not None:
-        allowed.add("TIMEOUT")
+        allowed.update({"TIMEOUT", "WOULD_TIME_OUT"})  # refused: it could not start in time
     if cancel_after is not None:
         allowed.add("CANCELLED")
     priority = rng.choice(("high", "normal", "normal", "low"))
@@ -243,7 +243,7 @@ class Run:
         for task in self.planned:
             outcome = self.outcomes[task.index]
             records = by_id.get(str(task.index))
-            if outcome in ("QUEUE_FULL", "never-ran"):
+            if outcome in ("QUEUE_FULL", "WOULD_TIME_OUT", "never-ran"):
                 assert records is None, (task, records)
                 continue
             assert records is not None, (task, outcome)
@@ -255,10 +255,11 @@ class Run:
                 self.raced += 1
         assert len(self.records.all) == sum(heard.values())
         stats = self.wm.stats()
-        assert stats.submitted == len(self.planned) - seen["QUEUE_FULL"] - seen["never-ran"]
+        refused = seen["QUEUE_FULL"] + seen["WOULD_TIME_OUT"]
+        assert stats.submitted == len(self.planned) - refused - seen["never-ran"]
         assert stats.submitted == sum(heard.values())
         assert stats.finished == stats.submitted
-        assert stats.rejected == seen["QUEUE_FULL"]
+        assert stats.rejected == refused
         assert stats.completed == heard["ok"]
         assert stats.failed == heard["ValueError"]
         assert stats.timed_out == heard["TIMEOUT"]

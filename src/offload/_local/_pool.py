@@ -238,10 +238,10 @@ class LocalPool:
         await self._wait_gone(grace)
         for worker in self._alive():
             worker.kill()
-        # A killed process is reaped within milliseconds; an interpreter stuck in C cannot be
-        # waited for: it is abandoned (it ends when its call returns, and cannot keep the
-        # process alive).
-        await self._wait_gone(2.0, processes_only=True)
+        # A killed process is reaped within milliseconds, an interrupted interpreter ends as
+        # soon: a small margin. One stuck in C cannot be waited for: it is abandoned (it ends
+        # when its call returns, and cannot keep the process alive).
+        await self._wait_gone(2.0)
         for worker in self._alive():
             worker.abandon()
         self.retiring.clear()
@@ -252,12 +252,10 @@ class LocalPool:
             if w.state is not WorkerState.GONE and w.handle is not None and not w.exit_seen
         ]
 
-    async def _wait_gone(self, timeout: float, processes_only: bool = False) -> None:
+    async def _wait_gone(self, timeout: float) -> None:
         with anyio.move_on_after(timeout):
             while True:
                 alive = self._alive()
-                if processes_only:
-                    alive = [w for w in alive if not self._kind.interrupts]
                 if not alive:
                     return
                 self._all_gone = anyio.Event()
