@@ -272,8 +272,8 @@ class Dispatcher:
         else:
             why = f"its max_wait of {job.max_wait:g} s"
         return WouldTimeOut(
-            f"{job.name} would wait about {wait:.3g} s for the work ahead of it and could not "
-            f"finish within {why}; retry in {retry_after:g} s",
+            f"{job.name} would wait about {wait:.3g} s for the work ahead of it and runs about "
+            f"{job.cost:.3g} s: it could not finish within {why}; retry in {retry_after:g} s",
             task_id=job.task_id,
             retry_after=retry_after,
         )
