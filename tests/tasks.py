@@ -309,3 +309,29 @@ def produced_count(path: str, count: int) -> Any:
         with open(path, "w") as out:
             out.write(str(n + 1))
         yield n
+
+
+@offload.task("test:steps")
+def steps_task(data: dict[str, Any]) -> int:
+    return report_steps(int(data["steps"]), float(data["pause"]))
+
+
+def big_chunks(count: int, size: int) -> Any:
+    for n in range(count):
+        yield bytes([n]) * size
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def fail_on(x: int) -> int:
+    if x == 37:
+        raise ValueError("bad item")
+    return x
+
+
+def spin_or_die(seconds: float) -> float:
+    if seconds < 0:
+        os._exit(9)
+    return spin(seconds)
