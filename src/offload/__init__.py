@@ -24,7 +24,7 @@ Layers, each importing only those below it (checked by import-linter in the lint
 
 from typing import TYPE_CHECKING, Any
 
-from . import _registry
+from . import _config, _registry
 from ._registry import task
 from ._task import Priority, Retry, Task
 from .errors import (
@@ -142,7 +142,14 @@ def _load_builtins() -> None:
     importlib.import_module(".tasks", __name__)
 
 
+def _dask_kind() -> Any:
+    from .dask import DaskKind  # optional: needs the `dask` extra
+
+    return DaskKind()
+
+
 _registry.load_builtins = _load_builtins
+_config.NAMED_KINDS["dask"] = _dask_kind
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,10 @@ from ._task import Retry, coerce_retry
 __all__ = ("Config", "default_workers", "make_config", "server_processes")
 
 DEFAULT_MAX_PAYLOAD: Final = 256 * 1024 * 1024
+
+#: Kinds given by name that are objects of an integration (``"dask"``): the name's factory,
+#: set by the ``offload`` package (the core never imports the integrations).
+NAMED_KINDS: dict[str, Callable[[], Any]] = {}
 KIND_NAMES: Final = ("process", "interpreter", "dask")
 SCHEDULING: Final = ("fifo", "fair")
 
@@ -155,6 +159,8 @@ def make_config(
     from .errors import InvalidTask, UnsupportedKind
 
     kind_object: Any = None
+    if isinstance(kind, str) and kind in NAMED_KINDS:
+        kind = NAMED_KINDS[kind]()  # e.g. "dask": a local Dask cluster (needs its extra)
     if isinstance(kind, str):
         if kind not in KIND_NAMES:
             raise UnsupportedKind(f"kind must be one of {KIND_NAMES}, not {kind!r}")

@@ -157,10 +157,6 @@ class WorkerManager:
         worker_nice: int = 10,
         server_processes: int | None = None,
     ) -> None:
-        if kind == "dask":
-            from .dask import DaskKind  # optional: needs the `dask` extra
-
-            kind = DaskKind()
         config = make_config(
             workers=workers, kind=kind, min_workers=min_workers, max_workers=max_workers,
             idle_timeout=idle_timeout, max_queue=max_queue, max_wait=max_wait,

@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _work(jobs: JobQueue, args: argparse.Namespace) -> int:
-    from .. import WorkerManager
+    from .._manager import WorkerManager
 
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # --import myapp.tasks from where the command runs

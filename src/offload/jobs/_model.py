@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
-from .. import Priority
+from .._task import Priority
 from ..errors import InvalidTask, OffloadError, TaskFailed
 
 __all__ = (

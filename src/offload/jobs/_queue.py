@@ -11,7 +11,7 @@ from typing import Any, Self
 
 import anyio
 
-from .. import Priority
+from .._task import Priority
 from .. import _registry as registry
 from ..errors import InvalidTask
 from ._errors import JobNotFound
