@@ -276,6 +276,27 @@ async def test_isolated_timeout_and_cancellation_stop_the_work(
     assert not any(m.exists() for m in markers)
 
 
+def test_deadlines_under_a_plain_asyncio_loop(cluster: str, tmp_path: Path) -> None:
+    """Under ``asyncio.run`` (no anyio runner around it) a deadline fires in a loop callback,
+    where no anyio task can be started: the stop still happens, and the work stops."""
+    marker = tmp_path / "marker"
+
+    async def main() -> tuple[float, int]:
+        async with manager(cluster, isolate=True) as wm:
+            started = time.perf_counter()
+            with pytest.raises(TaskTimeout):
+                await wm.run(tasks.sleep_then_mark, 0.8, str(marker), timeout=0.2)
+            took = time.perf_counter() - started
+            assert await wm.run(tasks.add, 1, 1) == 2
+            await asyncio.sleep(1.0)  # the call would have written its marker by now
+            return took, wm.stats().timed_out
+
+    took, timed_out = asyncio.run(main())
+    assert took < 2.0
+    assert timed_out == 1
+    assert not marker.exists()
+
+
 # -- failures ------------------------------------------------------------------------------
 
 
@@ -358,6 +379,9 @@ async def test_isolated_children_get_the_memory_limit(
     async with manager(cluster, max_tasks_per_worker=10, worker_memory_limit=2**30):
         pass
     assert "max_tasks_per_worker, worker_memory_limit: not for dask workers" in caplog.text
+    async with manager(cluster, min_workers=1, max_workers=3) as wm:
+        assert wm.stats().workers == 2  # the cluster's own size
+    assert "min_workers/max_workers: not for dask workers" in caplog.text
 
 
 # -- shutdown ------------------------------------------------------------------------------
