@@ -382,8 +382,8 @@ class DaskBackend:
             return Outcome(
                 OutcomeKind.LOST,
                 seconds=seconds,
-                note=f" (isolate=True: the task's own process on its Dask worker ended{how}; "
-                "the Dask worker lives on)",
+                note=f" (isolate=True: only the task's own child process of the Dask worker "
+                f"ended{how}; the Dask worker lives on)",
             )
         if tag == _isolated.CHILD_START_FAILED:
             return _failed(WorkerStartFailed(pickle.loads(payload)))
