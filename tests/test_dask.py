@@ -2,7 +2,8 @@
 
 Most tests share one module-scoped cluster (two worker processes) through
 ``DaskKind(address=...)``; tests that need to watch workers die or a cluster start and stop
-start their own with ``WorkerManager(kind="dask")``.
+start their own with ``WorkerManager(kind="dask")``. The Dask kind runs on asyncio only (its
+client is asyncio's): every test runs there but the one that checks trio's refusal.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 import psutil
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 distributed = pytest.importorskip("distributed")
 
@@ -40,12 +43,23 @@ from offload import (  # noqa: E402
     WorkerManager,
     WorkerStartFailed,
 )
+from offload._offload_worker import codec, protocol  # noqa: E402
+from offload._outcome import decode  # noqa: E402
 from offload.dask import DaskKind  # noqa: E402
+from offload.dask._backend import _body  # noqa: E402
+from offload.dask._isolated import close_isolated, run_isolated  # noqa: E402
+from offload.dask._runner import run_here  # noqa: E402
 
-pytestmark = pytest.mark.asyncio
+pytestmark = pytest.mark.anyio
 
 SECRET = "s" * 32
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Dask's client is asyncio's (``test_trio_is_refused_clearly`` overrides this)."""
+    return "asyncio"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -262,6 +276,27 @@ async def test_isolated_timeout_and_cancellation_stop_the_work(
     assert not any(m.exists() for m in markers)
 
 
+def test_deadlines_under_a_plain_asyncio_loop(cluster: str, tmp_path: Path) -> None:
+    """Under ``asyncio.run`` (no anyio runner around it) a deadline fires in a loop callback,
+    where no anyio task can be started: the stop still happens, and the work stops."""
+    marker = tmp_path / "marker"
+
+    async def main() -> tuple[float, int]:
+        async with manager(cluster, isolate=True) as wm:
+            started = time.perf_counter()
+            with pytest.raises(TaskTimeout):
+                await wm.run(tasks.sleep_then_mark, 0.8, str(marker), timeout=0.2)
+            took = time.perf_counter() - started
+            assert await wm.run(tasks.add, 1, 1) == 2
+            await asyncio.sleep(1.0)  # the call would have written its marker by now
+            return took, wm.stats().timed_out
+
+    took, timed_out = asyncio.run(main())
+    assert took < 2.0
+    assert timed_out == 1
+    assert not marker.exists()
+
+
 # -- failures ------------------------------------------------------------------------------
 
 
@@ -344,6 +379,9 @@ async def test_isolated_children_get_the_memory_limit(
     async with manager(cluster, max_tasks_per_worker=10, worker_memory_limit=2**30):
         pass
     assert "max_tasks_per_worker, worker_memory_limit: not for dask workers" in caplog.text
+    async with manager(cluster, min_workers=1, max_workers=3) as wm:
+        assert wm.stats().workers == 2  # the cluster's own size
+    assert "min_workers/max_workers: not for dask workers" in caplog.text
 
 
 # -- shutdown ------------------------------------------------------------------------------
@@ -425,3 +463,79 @@ async def test_bad_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(UnsupportedKind, match=r"offload\[dask\]"):
         WorkerManager(kind="dask")
+
+
+# -- what Dask does not do -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_trio_is_refused_clearly(cluster: str) -> None:
+    """Dask's client is asyncio's: on trio the manager refuses the kind before it connects."""
+    for kind in ("dask", DaskKind(address=cluster)):
+        wm = WorkerManager(kind=kind)
+        with pytest.raises(UnsupportedKind) as info:
+            await wm.start()
+        assert info.value.code == "UNSUPPORTED_KIND"
+        assert "asyncio only" in str(info.value)
+        assert "this is trio" in str(info.value)
+        assert wm.worker_pids() == []  # nothing was started (the leak check agrees)
+
+
+async def test_streams_are_refused(cluster: str) -> None:
+    async def consume(wm: WorkerManager) -> list[int]:
+        async with wm.stream(range, 3) as items:
+            return [item async for item in items]
+
+    async with manager(cluster) as wm:
+        with pytest.raises(UnsupportedKind, match="cannot stream") as info:
+            await consume(wm)
+        assert info.value.code == "UNSUPPORTED_KIND"
+        assert await wm.run(tasks.add, 1, 1) == 2  # the manager goes on
+
+
+# -- the runners, with the worker package's codec ----------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    size=st.sampled_from([0, 7, codec.SHARED_MIN - 1, codec.SHARED_MIN, 3 * codec.SHARED_MIN]),
+    fill=st.binary(min_size=1, max_size=8),
+    out_of_band=st.booleans(),
+)
+def test_run_here_answers_as_a_worker_does(size: int, fill: bytes, out_of_band: bool) -> None:
+    """A call encoded as the manager encodes it (bytes, or a Payload with its buffers inline)
+    comes back from ``run_here`` as a worker package answer that ``decode`` reads."""
+    data = (fill * size)[:size]
+    body, oob = _body(codec.encode((tasks.checksum, (bytearray(data),), {}), out_of_band))
+    assert oob == (out_of_band and size >= codec.SHARED_MIN)
+    tag, answer, seconds = run_here(body, oob, 1 << 20)
+    assert tag == protocol.OK
+    assert seconds >= 0
+    assert decode(tag, answer, "dask", None) == tasks.checksum(bytearray(data))
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+async def test_out_of_band_calls_run_on_the_cluster(cluster: str, isolate: bool) -> None:
+    """A ``Payload`` call (out-of-band buffers: the manager makes them only for local kinds)
+    runs on a Dask worker in its thread and in an isolated child, and its answer decodes."""
+    data = bytes(range(256)) * 1024  # 256 KiB: over codec.SHARED_MIN
+    payload = codec.encode((tasks.echo, (data,), {}), True)
+    assert isinstance(payload, codec.Payload)
+    body, oob = _body(payload)
+    token = f"test{os.getpid()}{isolate}"
+    settings_ = {"main": None, "max_payload": 1 << 24, "rlimit_as": None}
+    async with distributed.Client(cluster, asynchronous=True, set_as_default=False) as client:
+        if isolate:
+            future = client.submit(run_isolated, body, oob, settings_, token, f"{token}-1")
+        else:
+            future = client.submit(run_here, body, oob, 1 << 24)
+        tag, answer, _ = await future
+        try:
+            buffers = None
+            if tag & protocol.OOB:  # an isolated child sends big results out of band
+                tag &= ~protocol.OOB
+                answer, buffers, _ = codec.decode_body(memoryview(answer), [])
+            assert decode(tag, answer, "dask", None, buffers) == data
+        finally:
+            if isolate:
+                await client.run(close_isolated, token)
