@@ -119,7 +119,7 @@ class FakeKind:
     def __init__(self, capacity: int = 1) -> None:
         self.backend = FakeBackend(capacity)
 
-    def create_backend(self, size: int, config: Any) -> FakeBackend:
+    def create_backend(self, size: int, config: Any, settings: Any) -> FakeBackend:
         return self.backend
 
 

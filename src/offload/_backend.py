@@ -180,4 +180,7 @@ class WorkerKind(Protocol):
 
     name: str
 
-    def create_backend(self, size: int, config: Any) -> Backend: ...
+    def create_backend(self, size: int, config: Any, settings: dict[str, Any]) -> Backend:
+        """The backend for a manager of ``size`` workers with ``config``; ``settings`` is what
+        the manager tells every worker (``sys.path``, the caller's ``__main__``, limits)."""
+        ...

@@ -203,6 +203,7 @@ class WorkerManager:
         self._flows: dict[Any, tuple[str, str]] = {}  # fn -> (flow, name)
         self._out_of_band = config.kind in _LOCAL_KINDS
         self._sample = 0
+        self._warned_progress = False
 
     def __repr__(self) -> str:
         size = (
@@ -286,7 +287,8 @@ class WorkerManager:
                     f"the {config.kind} kind runs on asyncio only (its client is asyncio's); "
                     f"this is {runtime.name}: use kind='process' or 'interpreter'"
                 )
-            backends = {config.kind: config.kind_object.create_backend(config.workers, config)}
+            kind = config.kind_object
+            backends = {config.kind: kind.create_backend(config.workers, config, settings)}
         else:
             from ._local import LocalPool
 
@@ -544,6 +546,12 @@ class WorkerManager:
             timeout = self.default_timeout
         if max_wait is None:
             max_wait = self._config.max_wait
+        if on_progress is not None and not self._backends[route].supports_progress:
+            if not self._warned_progress:
+                self._warned_progress = True
+                log.warning("offload: %s workers send no progress events; on_progress is "
+                            "never called there", route)
+            on_progress = None
         payload = await self._encode(fn, args, kwargs, task_id)
         sub = Submission(payload, name, flow, priority, timeout, max_wait, task_id, route)
         if on_progress is not None and inspect.iscoroutinefunction(on_progress):
@@ -749,6 +757,10 @@ class WorkerManager:
             self._refuse(None)
         if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
             raise ValueError(f"buffer must be an int >= 1, not {buffer!r}")
+        if not self._backends[self.kind].supports_progress:
+            raise UnsupportedKind(
+                f"{self.kind} workers cannot stream results; use process or interpreter workers"
+            )
         return open_stream(
             self, gen_fn, args, _priority(priority, None),
             None if timeout is None else _timeout(timeout, None), buffer,

@@ -101,12 +101,14 @@ class DaskBackend:
     kind = "dask"
     supports_progress = False
 
-    def __init__(self, spec: DaskKind, size: int, config: Config) -> None:
+    def __init__(
+        self, spec: DaskKind, size: int, config: Config, settings: dict[str, Any]
+    ) -> None:
         self._spec = spec
         self._config = config
         self._size = size
         self._limit = config.max_payload
-        self._child_settings = self._settings_for_children(spec, config)
+        self._child_settings = self._settings_for_children(spec, config, settings)
         self._token = uuid.uuid4().hex[:12]  # this backend's keys and isolated children
         self._numbers = itertools.count(1)
         self._sink: OutcomeSink | None = None
@@ -137,13 +139,13 @@ class DaskBackend:
         )
 
     @staticmethod
-    def _settings_for_children(spec: DaskKind, config: Config) -> dict[str, Any]:
+    def _settings_for_children(
+        spec: DaskKind, config: Config, settings: dict[str, Any]
+    ) -> dict[str, Any]:
         """What an isolated child needs (its ``sys.path`` is its Dask worker's): the caller's
         ``__main__``, the payload limit, the address-space cap."""
-        from .._manager import _main_reference
-
         return {
-            "main": _main_reference(),
+            "main": settings.get("main"),
             "max_payload": config.max_payload,
             "rlimit_as": config.worker_memory_limit if spec.isolate else None,
         }

@@ -80,11 +80,14 @@ class DaskKind:
         where = self.address or ("a client" if self.client is not None else "a local cluster")
         return f"<DaskKind {where} isolate={self.isolate} in_flight={self.in_flight}>"
 
-    def create_backend(self, size: int, config: Config) -> DaskBackend:
+    def create_backend(
+        self, size: int, config: Config, settings: dict[str, Any]
+    ) -> DaskBackend:
         """The manager calls this once, when it starts: the backend for this kind's cluster.
 
-        ``size``: the development cluster's worker count (``WorkerManager(workers=N)``).
+        ``size``: the development cluster's worker count (``WorkerManager(workers=N)``);
+        ``settings``: what every worker is told (the caller's ``__main__``, limits).
         """
         from ._backend import DaskBackend
 
-        return DaskBackend(self, size, config)
+        return DaskBackend(self, size, config, settings)
