@@ -787,6 +787,9 @@ class WorkerManager:
         return [pid for backend in self._backends.values() for pid in backend.worker_pids()]
 
 
+WorkerManager.__module__ = "offload"
+
+
 def _replace(sub: Submission, **changes: Any) -> Submission:
     import dataclasses
 

@@ -226,3 +226,8 @@ def _percentiles(samples: deque[float]) -> tuple[float, float, float]:
     ordered = sorted(samples)
     last = len(ordered) - 1
     return tuple(ordered[round(last * q)] for q in (0.5, 0.95, 0.99))  # type: ignore[return-value]
+
+
+for _cls in (Stats, TaskRecord, WorkerInfo, Progress):
+    _cls.__module__ = "offload"
+del _cls
