@@ -301,6 +301,8 @@ def raising_app() -> Starlette:
 
 
 def _every_error() -> list[type[OffloadError]]:
+    import offload.jobs  # noqa: F401  (its store errors are OffloadErrors too)
+
     found, todo = [], list(OffloadError.__subclasses__())
     while todo:
         cls = todo.pop()
@@ -310,6 +312,14 @@ def _every_error() -> list[type[OffloadError]]:
 
 
 EXPECTED = {
+    "STORE_ERROR": 500,
+    "STORE_LOCKED": 503,
+    "STORE_UNAVAILABLE": 503,
+    "STORE_FULL": 507,
+    "STORE_CORRUPT": 500,
+    "SCHEMA_TOO_NEW": 500,
+    "JOB_NOT_FOUND": 404,
+    "LEASE_EXPIRED": 500,
     "QUEUE_FULL": 503,
     "WOULD_TIME_OUT": 503,
     "SHUTDOWN": 503,
@@ -359,7 +369,7 @@ async def test_every_error_code_maps_to_a_status_without_leaking(
                 assert "Retry-After" not in response.headers
     # 500s are logged on the server, with the detail that the client never sees.
     logged = [r for r in caplog.records if r.name == "offload.asgi"]
-    assert len(logged) == sum(1 for status in EXPECTED.values() if status == 500)
+    assert len(logged) == sum(1 for status in EXPECTED.values() if status in (500, 507))
     assert all(r.levelno == logging.ERROR and r.exc_info for r in logged)
     assert STATUS_BY_CODE["QUEUE_FULL"] == 503
 
