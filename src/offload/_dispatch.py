@@ -29,7 +29,6 @@ import pickle
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Final
 
 from ._backend import Backend, Outcome, OutcomeKind, Ticket
@@ -75,20 +74,44 @@ class JobState(enum.Enum):
     DONE = "done"  # has its outcome
 
 
-@dataclass(frozen=True, slots=True)
 class Submission:
-    """One attempt of a task, ready for the dispatcher (the manager builds it)."""
+    """One attempt of a task, ready for the dispatcher (the manager builds it).
 
-    payload: bytes | Payload
-    name: str
-    flow: object
-    priority: Priority
-    timeout: float | None
-    max_wait: float | None
-    task_id: str | None
-    route: str
-    stream: int = 0  # > 0: a stream, with this many items of credit
-    on_progress: Callable[[Progress], Any] | None = None
+    ``stream`` > 0: a stream, with this many items of credit.
+    """
+
+    __slots__ = ("flow", "max_wait", "name", "on_progress", "payload", "priority", "route",
+                 "stream", "task_id", "timeout")
+
+    def __init__(
+        self,
+        payload: bytes | Payload,
+        name: str,
+        flow: object,
+        priority: Priority,
+        timeout: float | None,
+        max_wait: float | None,
+        task_id: str | None,
+        route: str,
+        stream: int = 0,
+        on_progress: Callable[[Progress], Any] | None = None,
+    ) -> None:
+        self.payload = payload
+        self.name = name
+        self.flow = flow
+        self.priority = priority
+        self.timeout = timeout
+        self.max_wait = max_wait
+        self.task_id = task_id
+        self.route = route
+        self.stream = stream
+        self.on_progress = on_progress
+
+    def replace(self, **changes: Any) -> Submission:
+        """A copy with ``changes``."""
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return Submission(**values)
 
 
 class StreamChannel:

@@ -441,6 +441,26 @@ class WorkerManager:
             max_wait = _timeout(max_wait, task_id, "max_wait")
         retry_policy = _retry(retry, task_id) if retry is not None else self.default_retry
         flow, name = self._flow(fn)
+        if retry_policy is None and on_progress is None and self._config.inline_below is None:
+            # The common case, in one frame: one attempt, no progress, never inline.
+            payload = self._encode_here(fn, args, None, task_id)
+            if payload is not None:
+                job = dispatch.submit(Submission(
+                    payload, name, flow, prio, self.default_timeout if timeout is None
+                    else timeout, self._config.max_wait if max_wait is None else max_wait,
+                    task_id, self.kind,
+                ))
+                try:
+                    await job.waiter.wait()
+                except BaseException:
+                    if job.state is not JobState.DONE:
+                        await self._stop_after_cancel(job)
+                    raise
+                if job.error is None:
+                    return job.result  # type: ignore[no-any-return]
+                if job.error is CANCELLED:
+                    raise ManagerClosed("the task was stopped", task_id=task_id)
+                raise job.error
         result: R = await self._call(
             fn, args, None, flow, name, prio, timeout, max_wait, task_id, retry_policy,
             self.kind, self._config.inline_below, on_progress,
@@ -664,34 +684,50 @@ class WorkerManager:
         task_id: str | None,
     ) -> bytes | codec.Payload:
         """The pickled call; big buffers out of band, copied off the loop when big."""
-        call = (fn, args, kwargs or {})
+        payload = self._encode_here(fn, args, kwargs, task_id)
+        if payload is None:  # big buffers: pickled (and snapshotted) in a thread
+            payload = await anyio.to_thread.run_sync(
+                self._pickle_call, fn, args, kwargs, task_id, True
+            )
+            self._check_size(payload, task_id)
+        return payload
+
+    def _encode_here(
+        self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
+        task_id: str | None,
+    ) -> bytes | codec.Payload | None:
+        """The pickled call, or ``None`` when its buffers are too big to copy on the loop."""
         scan = codec.may_hold_buffers(args) or (
             kwargs is not None and codec.may_hold_buffers(kwargs.values())
         )
-        out_of_band = self._out_of_band
-        depth = 3 if scan else 0
-
-        def encode() -> bytes | codec.Payload:
-            try:
-                return codec.encode(call, out_of_band, depth=depth)
-            except Exception as exc:
-                raise NotSerializable(
-                    f"the task's function or arguments cannot be pickled: {type(exc).__name__}"
-                    f": {_first_line(exc)}; use module-level functions and picklable arguments",
-                    task_id=task_id,
-                ) from None
-
         if scan and codec.big_buffer_bytes(args, 2) >= OFFLOOP_BYTES:
-            payload = await anyio.to_thread.run_sync(encode)
-        else:
-            payload = encode()
+            return None
+        payload = self._pickle_call(fn, args, kwargs, task_id, scan)
+        self._check_size(payload, task_id)
+        return payload
+
+    def _pickle_call(
+        self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
+        task_id: str | None, scan: bool,
+    ) -> bytes | codec.Payload:
+        try:
+            if not scan and self._out_of_band:
+                return codec.dumps_plain((fn, args, kwargs or {}))
+            return codec.encode((fn, args, kwargs or {}), self._out_of_band, depth=3 if scan else 0)
+        except Exception as exc:
+            raise NotSerializable(
+                f"the task's function or arguments cannot be pickled: {type(exc).__name__}"
+                f": {_first_line(exc)}; use module-level functions and picklable arguments",
+                task_id=task_id,
+            ) from None
+
+    def _check_size(self, payload: bytes | codec.Payload, task_id: str | None) -> None:
         if len(payload) > self.max_payload:
             raise PayloadTooLarge(
                 f"the arguments are {len(payload)} bytes pickled, over max_payload="
                 f"{self.max_payload}; send less (e.g. a file path), or raise max_payload",
                 task_id=task_id,
             )
-        return payload
 
     # -- map and stream ------------------------------------------------------------------------
 
@@ -791,9 +827,7 @@ WorkerManager.__module__ = "offload"
 
 
 def _replace(sub: Submission, **changes: Any) -> Submission:
-    import dataclasses
-
-    return dataclasses.replace(sub, **changes)
+    return sub.replace(**changes)
 
 
 def _priority(value: object, task_id: str | None) -> Priority:

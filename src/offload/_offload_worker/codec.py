@@ -182,6 +182,23 @@ class Payload:
         return parts
 
 
+def _refuse_buffer(buffer: pickle.PickleBuffer) -> bool:
+    raise _HasBuffers
+
+
+class _HasBuffers(Exception):
+    """An object pickled a ``PickleBuffer``: it needs ``encode``'s out-of-band path."""
+
+
+def dumps_plain(obj: Any) -> bytes | Payload:
+    """``encode(obj)`` for an ``obj`` that holds no bytes, bytearray or memoryview where
+    ``encode`` looks: one plain pickle, unless something in it pickles a ``PickleBuffer``."""
+    try:
+        return pickle.dumps(obj, PICKLE_PROTOCOL, buffer_callback=_refuse_buffer)
+    except (_HasBuffers, TypeError):  # (TypeError: a memoryview deep inside: encode copes)
+        return encode(obj, True, depth=0)
+
+
 def encode(
     obj: Any, out_of_band: bool = True, snapshot: bool = True, depth: int = 2
 ) -> bytes | Payload:
