@@ -341,11 +341,15 @@ class LocalPool:
                 worker.quit()
             self._batch.dirty = True
         assert self._sink is not None
-        self._batch.begin()
+        batch = self._batch
+        if batch.depth:  # inside a read pass already (the usual case): it ends the batch
+            self._sink.on_outcome(ticket, outcome)
+            return
+        batch.begin()
         try:
             self._sink.on_outcome(ticket, outcome)
         finally:
-            self._batch.end()
+            batch.end()
 
     def _capacity(self) -> None:
         if self._sink is not None:
