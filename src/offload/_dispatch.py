@@ -31,11 +31,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
+import anyio.to_thread
+
 from ._backend import Backend, Outcome, OutcomeKind, Ticket
 from ._config import Config
 from ._estimates import Estimates
 from ._offload_worker import protocol
-from ._offload_worker.codec import Payload
+from ._offload_worker.codec import OFFLOOP_BYTES, Payload
 from ._outcome import decode
 from ._policy import PoisonGuard
 from ._queue import ReadyQueue
@@ -139,6 +141,7 @@ class Job:
         "cost",
         "deadline",
         "error",
+        "loading",
         "flow",
         "key",
         "latest_start",
@@ -192,6 +195,7 @@ class Job:
         self.result: Any = None
         self.error: BaseException | None = None
         self.run = 0.0
+        self.loading = False  # its result is being read in a thread
         self.stream: StreamChannel | None = StreamChannel() if sub.stream else None
         self.ticket = Ticket(
             key, key, self.priority, sub.flow, cost, sub.payload, sub.name, sub.task_id,
@@ -209,8 +213,21 @@ class Job:
         return self.result
 
 
+def _decode(outcome: Outcome, job: Job) -> Any:
+    """The result an answer stands for (raises the error it stands for); then its shared
+    memory is released. Runs in a thread for a big result."""
+    try:
+        if outcome.loader is not None:
+            data, buffers = outcome.loader()
+            return decode(outcome.tag, data, job.route, job.task_id, buffers)
+        return decode(outcome.tag, outcome.payload, job.route, job.task_id, outcome.buffers)
+    finally:
+        if outcome.release is not None:
+            outcome.release()
+
+
 class Dispatcher:
-    """Admission, the ready queues, deadlines, the pump, and every job's one outcome."""
+    """Admission, the ready queues, deadlines, the pump, and every job's one outcome.""" 
 
     def __init__(
         self,
@@ -220,6 +237,7 @@ class Dispatcher:
         *,
         poison: PoisonGuard | None = None,
         estimates: Estimates | None = None,
+        spawn: Callable[..., None] | None = None,
     ) -> None:
         self.config = config
         self.runtime = runtime
@@ -235,6 +253,7 @@ class Dispatcher:
         self._pump_again = False
         self.closed = False
         self.loop_cost = 0.0001  # seconds of loop time an offloaded task costs (measured)
+        self._spawn = spawn  # background work (big results are read in a thread)
         self._drained: Waiter | None = None
         for backend in backends.values():
             backend.bind(self)
@@ -364,7 +383,7 @@ class Dispatcher:
         state = job.state
         if state is JobState.DONE or state is JobState.STOPPING:
             return
-        if state is JobState.QUEUED:
+        if state is JobState.QUEUED or job.loading:  # (loading: its work is done already)
             self.settle(job, error=self._stop_error(job, reason))
             return
         job.state = JobState.STOPPING
@@ -429,15 +448,25 @@ class Dispatcher:
         seconds = outcome.seconds
         if tag == protocol.OK or tag == protocol.RAISED:
             self.estimates.add(job.flow, seconds)
+        if outcome.loader is not None and outcome.size >= OFFLOOP_BYTES and self._spawn:
+            job.loading = True  # a big result: read and unpickled in a thread, then settled
+            self._spawn(self._load_later, job, outcome)
+            return
         try:
-            result = decode(tag, outcome.payload, job.route, job.task_id, outcome.buffers)
+            result = _decode(outcome, job)
         except BaseException as exc:
             self.settle(job, error=exc, run=seconds)
         else:
             self.settle(job, result=result, run=seconds)
-        finally:
-            if outcome.release is not None:
-                outcome.release()
+
+    async def _load_later(self, job: Job, outcome: Outcome) -> None:
+        try:
+            result = await anyio.to_thread.run_sync(_decode, outcome, job)
+        except BaseException as exc:
+            if job.state is not JobState.DONE:
+                self.settle(job, error=exc, run=outcome.seconds)
+        else:
+            self.settle(job, result=result, run=outcome.seconds)
 
     def _progress(self, job: Job, outcome: Outcome) -> None:
         if job.state is JobState.SENT:
@@ -456,22 +485,20 @@ class Dispatcher:
         if job.state is JobState.SENT:
             job.state = JobState.RUNNING
         channel = job.stream
-        try:
-            if channel is None or channel.done:
-                return
-            try:
-                item = decode(protocol.ITEM, outcome.payload, job.route, job.task_id,
-                              outcome.buffers)
-            except BaseException as exc:
-                channel.error = exc
-                channel.done = True
-                self.stop(job, "cancelled")
-            else:
-                channel.items.append(item)
-            channel.wake()
-        finally:
+        if channel is None or channel.done:
             if outcome.release is not None:
                 outcome.release()
+            return
+        outcome.tag = protocol.ITEM
+        try:
+            item = _decode(outcome, job)  # (it releases the shared memory)
+        except BaseException as exc:
+            channel.error = exc
+            channel.done = True
+            self.stop(job, "cancelled")
+        else:
+            channel.items.append(item)
+        channel.wake()
 
     def on_capacity(self) -> None:
         self.pump()

@@ -26,6 +26,7 @@ from ._outcome import alias_main
 from ._policy import should_retry
 from ._registry import RegisteredTask, task_from_dict
 from ._runtime import Runtime, current_runtime
+from ._spawn import Spawner
 from ._stats import Progress, Stats, WorkerInfo
 from ._task import Priority, PriorityLike, Retry, Task, coerce_priority, coerce_timeout
 from .errors import (
@@ -46,9 +47,6 @@ R = TypeVar("R")
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
-#: Arguments holding at least this many bytes of buffers are pickled (and snapshotted) in a
-#: thread, so a big copy never blocks the event loop.
-OFFLOOP_BYTES: Final = 8 << 20
 #: How long a cancelled caller waits for its work to be stopped (a kill and reap takes ms).
 _STOP_WAIT: Final = 5.0
 _LOCAL_KINDS: Final = frozenset({"process", "interpreter"})
@@ -195,6 +193,7 @@ class WorkerManager:
         self._state = _State.NEW
         self._backends: dict[str, Backend] = {}
         self._dispatch: Dispatcher | None = None
+        self._spawner: Spawner | None = None
         self._runtime: Runtime | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._service_stop: anyio.Event | None = None
@@ -261,7 +260,8 @@ class WorkerManager:
         }
         alias_main()
         self._backends = self._make_backends(runtime, settings)
-        self._dispatch = Dispatcher(config, runtime, self._backends)
+        self._spawner = Spawner(runtime)
+        self._dispatch = Dispatcher(config, runtime, self._backends, spawn=self._spawner.spawn)
         self._closed_event = anyio.Event()
         await self._start_service(runtime)
         self._state = _State.RUNNING
@@ -310,8 +310,11 @@ class WorkerManager:
             try:
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
+                    assert self._spawner is not None
+                    tg.start_soon(self._spawner.run, tg)
                     ready.set()
                     await stop.wait()
+                    self._spawner.close()
                     tg.cancel_scope.cancel()
             except BaseException:  # the loop is ending without a shutdown: leave nothing
                 self._emergency_stop()
@@ -700,7 +703,7 @@ class WorkerManager:
         scan = codec.may_hold_buffers(args) or (
             kwargs is not None and codec.may_hold_buffers(kwargs.values())
         )
-        if scan and codec.big_buffer_bytes(args, 2) >= OFFLOOP_BYTES:
+        if scan and codec.big_buffer_bytes(args, 2) >= codec.OFFLOOP_BYTES:
             return None
         payload = self._pickle_call(fn, args, kwargs, task_id, scan)
         self._check_size(payload, task_id)

@@ -22,7 +22,7 @@ import anyio
 from .._backend import Outcome, OutcomeKind, Ticket
 from .._offload_worker import codec, protocol, ring
 from .._offload_worker.arena import Arena
-from .._offload_worker.codec import Payload
+from .._offload_worker.codec import OFFLOOP_BYTES, Payload
 from .._runtime import Runtime
 from ..errors import WorkerStartFailed
 from ._connection import Batch, Connection, grow_pipe
@@ -66,6 +66,9 @@ class LocalWorker:
         self.absorbed: set[int] = set()  # stopped already reported: swallow their answers
         self.stopping: set[int] = set()  # STOP sent, outcome not known yet
         self.killed_for: set[int] = set()  # killed to stop these
+        # Tickets whose big buffers are being copied into an arena in a thread (ticket key ->
+        # ticket, arena number); each gets its wire id when its frame is written.
+        self.writing: dict[int, tuple[Ticket, int]] = {}
         self.spare = False
         self.tasks_done = 0
         self.failures = 0
@@ -178,24 +181,73 @@ class LocalWorker:
 
     # -- work ------------------------------------------------------------------------------
 
+    @property
+    def busy(self) -> bool:
+        """It holds something: running, waiting, or being copied in."""
+        return bool(self.held) or bool(self.writing)
+
     def send(self, ticket: Ticket) -> None:
         """Send ``ticket`` to run here (after what it holds)."""
         assert self.connection is not None
+        payload = ticket.payload
+        if (
+            isinstance(payload, Payload)
+            and payload.size >= OFFLOOP_BYTES
+            and not ticket.via_pipe
+            and None in self._holder
+        ):
+            # A big copy must not block the event loop: a thread writes the arena, and the
+            # frame goes out when it is done (see _write_then_send).
+            number = self._holder.index(None)
+            self._holder[number] = -ticket.key  # reserved
+            if not self.busy:
+                self.busy_since = self.runtime.now()
+            self.writing[ticket.key] = (ticket, number)
+            self.sent += 1
+            self.pool.spawn(self._write_then_send, ticket, number)
+            return
+        self._send_now(ticket)
+
+    async def _write_then_send(self, ticket: Ticket, number: int) -> None:
+        payload = ticket.payload
+        assert isinstance(payload, Payload)
+        try:
+            body: list[memoryview] | None = await anyio.to_thread.run_sync(
+                payload.parts, self._to_worker[number], number
+            )
+        except (OSError, ValueError):  # the arena could not grow (memory): inline then
+            body = None
+        self._holder[number] = None
+        if self.writing.pop(ticket.key, None) is None or self.state is WorkerState.GONE:
+            return  # stopped (or the worker ended) meanwhile: already reported
+        if body is None:
+            ticket.via_pipe = True
+        self._send_now(ticket, body, number if body is not None else None)
+
+    def _send_now(
+        self, ticket: Ticket, body: list[memoryview] | None = None, arena: int | None = None
+    ) -> None:
+        assert self.connection is not None
         self._next_wire += 1
         wire = self._next_wire
-        now = self.runtime.now()
         if not self.held:
-            self.busy_since = now
+            if not self.writing:
+                self.busy_since = self.runtime.now()
         else:
             self.ahead_cost += ticket.cost or 0.0
         self.held[wire] = ticket
-        self.sent += 1
+        if body is None:
+            self.sent += 1
         payload = ticket.payload
         if ticket.stream:
             tag, seconds = protocol.RUN_STREAM, float(ticket.credit)
         else:
             tag, seconds = protocol.RUN, -1.0 if ticket.cost is None else ticket.cost
-        if isinstance(payload, Payload):
+        if body is not None:  # written into arena ``arena`` off the loop
+            assert arena is not None
+            self._holder[arena] = wire
+            self.connection.send(wire, tag | protocol.OOB, body, seconds)
+        elif isinstance(payload, Payload):
             body = self._place(wire, payload, inline=ticket.via_pipe)
             self.connection.send(wire, tag | protocol.OOB, body, seconds)
         else:
@@ -240,6 +292,10 @@ class LocalWorker:
 
     def stop(self, ticket: Ticket, interrupt_grace: float) -> None:
         """Make sure ``ticket`` (held here) never starts, or stop it if it runs."""
+        if self.writing.pop(ticket.key, None) is not None:  # not sent yet: it never runs
+            self.batch.dirty = True
+            self.pool.report(self, ticket, Outcome(OutcomeKind.STOPPED))
+            return
         wire = self.wire_of(ticket)
         if wire is None or wire in self.absorbed or wire in self.stopping:
             return
@@ -266,6 +322,10 @@ class LocalWorker:
 
     def take_back(self, ticket: Ticket) -> None:
         """Ask for ``ticket`` (waiting here) back: ``REVOKED`` comes if it had not begun."""
+        if self.writing.pop(ticket.key, None) is not None:
+            self.batch.dirty = True
+            self.pool.report(self, ticket, _RETURNED)
+            return
         wire = self.wire_of(ticket)
         if wire is not None and wire not in self.stopping and wire not in self.absorbed:
             self.stopping.add(wire)
@@ -384,33 +444,35 @@ class LocalWorker:
                 outcome.release()
 
     def _decoded(self, kind: OutcomeKind, tag: int, payload: memoryview, seconds: float) -> Outcome:
-        """An outcome for an answer frame, its out-of-band buffers mapped (``release()`` them)."""
+        """An outcome for an answer frame. Out-of-band buffers inline in the frame come with
+        it; those in the outbound arena are read by ``outcome.load()`` (in a thread, when big:
+        the dispatcher decides), and ``outcome.release()`` frees the arena after."""
         if not tag & protocol.OOB:
             return Outcome(kind, tag, payload, seconds)
-        arenas = [self._from_worker] if self._from_worker is not None else []
-        try:
-            data, buffers, held = codec.decode_body(payload, arenas)
-        except Exception as exc:  # e.g. no memory to map the arena: the task must hear
-            why = (type(exc).__name__, f"its buffers could not be mapped here: {exc}")
-            return Outcome(kind, protocol.RESULT_NOT_SERIALIZABLE, pickle.dumps(why), seconds)
-        in_arena = held is not None
-        return Outcome(
-            kind,
-            tag & ~protocol.OOB,
-            data,
-            seconds,
-            buffers=buffers,
-            release=lambda: self._release(buffers, held, in_arena),
-        )
+        tag &= ~protocol.OOB
+        if codec.body_arena(payload) is None:
+            data, buffers, _ = codec.decode_body(payload, [])
+            return Outcome(kind, tag, data, seconds, buffers=buffers,
+                           release=lambda: codec.release(buffers, None))
+        arena = self._from_worker
 
-    def _release(self, buffers: list[Any], held: memoryview | None, in_arena: bool) -> None:
-        if codec.release(buffers, held) and in_arena and self._ring is not None:
-            if self._from_worker is not None:
-                self._from_worker.shrink()
-            self._answers_read += 1
-            self._ring.set(ring.ACKED, self._answers_read)  # else never again: inline then
-            if self._ring.flag(ring.WAITING):
-                self._control(protocol.WAKE, 0)
+        def load() -> tuple[memoryview, list[Any]]:
+            data, buffers, _ = codec.decode_body(payload, [arena] if arena is not None else [])
+            return data, buffers
+
+        return Outcome(kind, tag, payload, seconds, loader=load, size=codec.body_size(payload),
+                       release=self._arena_read)
+
+    def _arena_read(self) -> None:
+        """An answer's buffers were read out of the outbound arena: the worker may reuse it."""
+        if self._ring is None:
+            return
+        if self._from_worker is not None:
+            self._from_worker.shrink()
+        self._answers_read += 1
+        self._ring.set(ring.ACKED, self._answers_read)
+        if self._ring.flag(ring.WAITING):
+            self._control(protocol.WAKE, 0)
 
     def _free_arena_of(self, wire: int) -> None:
         for number, holder in enumerate(self._holder):
@@ -495,6 +557,9 @@ class LocalWorker:
         it); every other ticket it held never started and goes back."""
         current = self.current()
         note = self.handle.exit_note() if self.handle is not None else ""
+        for ticket, _ in list(self.writing.values()):  # never sent: they never started
+            self.pool.report(self, ticket, _RETURNED)
+        self.writing.clear()
         for wire, ticket in list(self.held.items()):
             self._forget(wire, ticket)
             if wire in self.absorbed:

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 SHARED_MIN: Final = 1 << 16  # buffers from this size up travel out of band
 INLINE: Final = 255  # arena number of a body whose buffers follow its pickle in the frame
+#: Buffers of at least this many bytes are copied (into, and out of, an arena) off the event
+#: loop, in a thread: a 100 MiB copy takes 20-130 ms, far over a loop's budget.
+OFFLOOP_BYTES: Final = 8 << 20
 _BODY: Final = struct.Struct("<BI")  # arena number, buffer count; then a <Q size and a flag each
 #: Longest exception message or traceback text sent for display (the exception itself, when it
 #: pickles within the payload cap, keeps its full message).
@@ -326,6 +329,12 @@ def _immutable(buffer: bytes | bytearray | memoryview) -> bool:
     if type(buffer) is bytes:
         return True
     return type(buffer) is memoryview and type(buffer.obj) is bytes
+
+
+def body_size(body: memoryview) -> int:
+    """Bytes of out-of-band buffers a body carries."""
+    number, count = _BODY.unpack_from(body)
+    return sum(struct.unpack_from(f"<{count}Q", body, _BODY.size))
 
 
 def body_arena(body: memoryview) -> int | None:
