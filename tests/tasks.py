@@ -335,3 +335,23 @@ def spin_or_die(seconds: float) -> float:
     if seconds < 0:
         os._exit(9)
     return spin(seconds)
+
+
+class SlowToLoad:
+    """An argument whose unpickling waits until a line arrives on a FIFO (a slow import)."""
+
+    def __init__(self, gate: str) -> None:
+        self.gate = gate
+
+    def __getstate__(self) -> dict[str, str]:
+        return {"gate": self.gate}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.gate = state["gate"]
+        with open(self.gate) as gate:
+            gate.readline()
+
+
+def mark(marker: str, _slow: SlowToLoad) -> None:
+    with open(marker, "w") as out:
+        out.write("ran")

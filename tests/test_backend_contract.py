@@ -19,6 +19,7 @@ import anyio
 import pytest
 
 import tasks
+from conftest import release
 from offload import TaskTimeout, WorkerManager
 
 pytestmark = pytest.mark.anyio
@@ -109,3 +110,16 @@ async def test_statistics_add_up(kind: str) -> None:
     assert stats.submitted == stats.finished == 6
     assert (stats.completed, stats.failed) == (5, 1)
     assert stats.kind == kind
+
+
+async def test_a_deadline_while_the_call_loads_means_it_never_begins(
+    kind: str, tmp_path: Path, fifo: Path
+) -> None:
+    marker = tmp_path / "ran"
+    async with manager(kind) as wm:
+        with pytest.raises(TaskTimeout):
+            await wm.run(tasks.mark, str(marker), tasks.SlowToLoad(str(fifo)), timeout=0.2)
+        if kind == "interpreter":  # still loading (a process worker was killed instead)
+            await anyio.to_thread.run_sync(release, fifo)
+        assert await wm.run(tasks.add, 1, 1) == 2
+    assert not marker.exists()
