@@ -290,8 +290,7 @@ def report_steps(steps: int, pause: float) -> int:
 def numbers(count: int, marker: str | None = None) -> Any:
     """A generator: yields 0..count-1; notes in ``marker`` that its finally ran."""
     try:
-        for n in range(count):
-            yield n
+        yield from range(count)
     finally:
         if marker is not None:
             with open(marker, "a") as out:
@@ -317,8 +316,7 @@ def steps_task(data: dict[str, Any]) -> int:
 
 
 def big_chunks(count: int, size: int) -> Any:
-    for n in range(count):
-        yield bytes([n]) * size
+    yield from (bytes([n]) * size for n in range(count))
 
 
 def square(x: int) -> int:

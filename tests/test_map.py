@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import tasks
@@ -63,7 +64,7 @@ async def test_map_reads_its_iterable_lazily() -> None:
 async def test_map_takes_an_async_iterable() -> None:
     async def numbers() -> AsyncIterator[int]:
         for i in range(50):
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             yield i
 
     async with WorkerManager(workers=2) as wm:

@@ -51,8 +51,9 @@ async def test_inline_is_off_by_default_and_per_type() -> None:
         assert wm.stats().inline >= 3
 
 
-@pytest.mark.parametrize(("servers", "cpus", "expected"), [(1, 2, 1), (2, 2, 1), (1, 8, 7),
-                                                           (2, 8, 3), (4, 8, 1)])
+@pytest.mark.parametrize(
+    ("servers", "cpus", "expected"), [(1, 2, 1), (2, 2, 1), (1, 8, 7), (2, 8, 3), (4, 8, 1)]
+)
 def test_default_workers_share_the_cores_between_server_processes(
     monkeypatch: pytest.MonkeyPatch, servers: int, cpus: int, expected: int
 ) -> None:

@@ -243,7 +243,7 @@ async def test_sigterm_drains_requests_in_flight() -> None:
         ]
         # One worker: one hash runs, one waits behind it, one waits in the queue.
         async with asyncio.timeout(30):
-            while (await client.get("/health")).json()["queued"] < 1:  # noqa: ASYNC110
+            while (await client.get("/health")).json()["queued"] < 1:
                 await asyncio.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         responses = await asyncio.gather(*hashes)

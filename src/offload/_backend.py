@@ -88,8 +88,17 @@ class Outcome:
     ``seconds`` the run time; ``note`` says why for ``LOST``.
     """
 
-    __slots__ = ("buffers", "kind", "loader", "note", "payload", "release", "seconds", "size",
-                 "tag")
+    __slots__ = (
+        "buffers",
+        "kind",
+        "loader",
+        "note",
+        "payload",
+        "release",
+        "seconds",
+        "size",
+        "tag",
+    )
 
     def __init__(
         self,

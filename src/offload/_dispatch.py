@@ -82,8 +82,18 @@ class Submission:
     ``stream`` > 0: a stream, with this many items of credit.
     """
 
-    __slots__ = ("flow", "max_wait", "name", "on_progress", "payload", "priority", "route",
-                 "stream", "task_id", "timeout")
+    __slots__ = (
+        "flow",
+        "max_wait",
+        "name",
+        "on_progress",
+        "payload",
+        "priority",
+        "route",
+        "stream",
+        "task_id",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -141,10 +151,10 @@ class Job:
         "cost",
         "deadline",
         "error",
-        "loading",
         "flow",
         "key",
         "latest_start",
+        "loading",
         "max_wait",
         "name",
         "on_progress",
@@ -166,8 +176,9 @@ class Job:
         "waiter",
     )
 
-    def __init__(self, key: int, sub: Submission, cost: float | None, now: float,
-                 waiter: Waiter) -> None:
+    def __init__(
+        self, key: int, sub: Submission, cost: float | None, now: float, waiter: Waiter
+    ) -> None:
         self.key = key
         self.seq = key
         self.priority = int(sub.priority)
@@ -198,8 +209,16 @@ class Job:
         self.loading = False  # its result is being read in a thread
         self.stream: StreamChannel | None = StreamChannel() if sub.stream else None
         self.ticket = Ticket(
-            key, key, self.priority, sub.flow, cost, sub.payload, sub.name, sub.task_id,
-            stream=bool(sub.stream), credit=sub.stream,
+            key,
+            key,
+            self.priority,
+            sub.flow,
+            cost,
+            sub.payload,
+            sub.name,
+            sub.task_id,
+            stream=bool(sub.stream),
+            credit=sub.stream,
         )
 
     def __repr__(self) -> str:
@@ -227,7 +246,7 @@ def _decode(outcome: Outcome, job: Job) -> Any:
 
 
 class Dispatcher:
-    """Admission, the ready queues, deadlines, the pump, and every job's one outcome.""" 
+    """Admission, the ready queues, deadlines, the pump, and every job's one outcome."""
 
     def __init__(
         self,
@@ -552,7 +571,11 @@ class Dispatcher:
     # -- the one outcome -----------------------------------------------------------------------
 
     def settle(
-        self, job: Job, *, result: Any = None, error: BaseException | None = None,
+        self,
+        job: Job,
+        *,
+        result: Any = None,
+        error: BaseException | None = None,
         run: float = 0.0,
     ) -> None:
         """Give ``job`` its one outcome (later calls for the same job do nothing)."""
@@ -611,8 +634,14 @@ class Dispatcher:
         else:
             outcome = type(error).__name__
         record = TaskRecord(
-            job.seq, job.task_id, job.name, _PRIORITY_NAMES[job.priority], job.route, outcome,
-            wait, run,
+            job.seq,
+            job.task_id,
+            job.name,
+            _PRIORITY_NAMES[job.priority],
+            job.route,
+            outcome,
+            wait,
+            run,
         )
         self._call_on_task_done(record)
 
@@ -634,7 +663,12 @@ class Dispatcher:
         return estimate is not None and estimate < threshold and estimate < self.loop_cost
 
     def record_inline(
-        self, name: str, flow: object, task_id: str | None, priority: Priority, run: float,
+        self,
+        name: str,
+        flow: object,
+        task_id: str | None,
+        priority: Priority,
+        run: float,
         error: BaseException | None,
     ) -> None:
         """Count a task that ran inline, as any other (stats, estimates, ``on_task_done``)."""
@@ -648,12 +682,20 @@ class Dispatcher:
         else:
             stats.failed += 1
         if self.config.on_task_done is not None:
-            outcome = "ok" if error is None else (
-                error.code if isinstance(error, OffloadError) else type(error).__name__
+            outcome = (
+                "ok"
+                if error is None
+                else (error.code if isinstance(error, OffloadError) else type(error).__name__)
             )
             record = TaskRecord(
-                next(self._keys), task_id, name, _PRIORITY_NAMES[int(priority)], "inline",
-                outcome, 0.0, run,
+                next(self._keys),
+                task_id,
+                name,
+                _PRIORITY_NAMES[int(priority)],
+                "inline",
+                outcome,
+                0.0,
+                run,
             )
             self._call_on_task_done(record)
 
@@ -691,7 +733,15 @@ class Dispatcher:
             low += info.min_workers
             high += info.max_workers
         return self.stats.snapshot(
-            kind, workers, spares, running, queued,
-            worker_restarts=restarts, worker_recycles=recycles, workers_started=started,
-            workers_retired=retired, min_workers=low, max_workers=high,
+            kind,
+            workers,
+            spares,
+            running,
+            queued,
+            worker_restarts=restarts,
+            worker_recycles=recycles,
+            workers_started=started,
+            workers_retired=retired,
+            min_workers=low,
+            max_workers=high,
         )

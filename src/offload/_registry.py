@@ -114,7 +114,8 @@ def task(
     if not allowed <= ALL_KINDS:
         raise ValueError(f"unknown worker kinds {sorted(allowed - ALL_KINDS)}")
     if inline_below is not None and (
-        isinstance(inline_below, bool) or not isinstance(inline_below, int | float)
+        isinstance(inline_below, bool)
+        or not isinstance(inline_below, int | float)
         or not 0 <= inline_below < float("inf")
     ):
         raise ValueError(f"inline_below must be a number of seconds >= 0, not {inline_below!r}")
@@ -174,9 +175,7 @@ def registered_names() -> list[str]:
     return sorted(_registry)
 
 
-_DICT_KEYS: Final = frozenset(
-    {"id", "type", "data", "priority", "timeout", "retries", "max_wait"}
-)
+_DICT_KEYS: Final = frozenset({"id", "type", "data", "priority", "timeout", "retries", "max_wait"})
 
 
 def task_from_dict(spec: Mapping[str, Any]) -> tuple[Task, RegisteredTask]:

@@ -8,7 +8,7 @@ in the owner's task group starts it.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio.abc
@@ -23,11 +23,11 @@ class Spawner:
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
-        self._work: deque[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]] = deque()
+        self._work: deque[tuple[Callable[..., Coroutine[Any, Any, Any]], tuple[Any, ...]]] = deque()
         self._waiter: Waiter | None = None
         self.closed = False
 
-    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         if self.closed:
             return
         self._work.append((fn, args))

@@ -23,7 +23,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import anyio
@@ -145,7 +145,7 @@ class LocalPool:
         self._capacity()
         return worker
 
-    def spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         """Run ``fn(*args)`` in the background (callable from loop callbacks)."""
         if self._spawner is not None:
             self._spawner.spawn(fn, *args)
@@ -169,7 +169,7 @@ class LocalPool:
                 try:
                     await self._start_worker(spare=spare)
                 except OffloadError as exc:
-                    if self.closing:
+                    if self._closing_now():
                         return  # stopped by the pool's own shutdown
                     self._start_failures += 1
                     delay = min(5.0, 0.05 * 2**self._start_failures) * (0.5 + random.random())
@@ -180,7 +180,7 @@ class LocalPool:
                             WorkerStartFailed(
                                 f"no {self.kind} worker could be started ({exc}); "
                                 "the queued tasks cannot run"
-                            )
+                            ),
                         )
                     await anyio.sleep(delay)
                 else:
@@ -191,6 +191,10 @@ class LocalPool:
                 self._starting_spares -= 1
             else:
                 self._starting -= 1
+
+    def _closing_now(self) -> bool:
+        """(read again after an await: shutdown may have begun meanwhile)"""
+        return self.closing
 
     def _refill(self) -> None:
         """Fill empty slots: a spare now, else a new worker; keep the spares topped up."""
@@ -237,7 +241,8 @@ class LocalPool:
 
     def _alive(self) -> list[LocalWorker]:
         return [
-            w for w in self._launched
+            w
+            for w in self._launched
             if w.state is not WorkerState.GONE and w.handle is not None and not w.exit_seen
         ]
 
@@ -414,7 +419,8 @@ class LocalPool:
     async def _check_health(self) -> None:
         """Ping idle workers; one that does not answer in time is hung: replace it."""
         config = self._config
-        assert config.health_interval is not None and self._runtime is not None
+        assert config.health_interval is not None
+        assert self._runtime is not None
         while not self.closing:
             await anyio.sleep(config.health_interval)
             now = self._runtime.now()
@@ -444,7 +450,8 @@ class LocalPool:
     async def _retire_idle(self) -> None:
         """Retire workers idle longer than ``idle_timeout`` (down to ``min_workers``)."""
         timeout = self._idle_timeout
-        assert timeout is not None and self._runtime is not None
+        assert timeout is not None
+        assert self._runtime is not None
         while not self.closing:
             await anyio.sleep(min(timeout / 2, 1.0))
             now = self._runtime.now()

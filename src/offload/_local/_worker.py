@@ -10,6 +10,7 @@ started and goes back (``RETURNED``).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -349,10 +350,8 @@ class LocalWorker:
 
     def _control(self, op: int, wire: int, value: int = 0) -> None:
         if self._control_fd >= 0:
-            try:
+            with contextlib.suppress(OSError):  # gone: its exit is seen on its own
                 os.write(self._control_fd, protocol.control_word(op, wire, value))
-            except OSError:
-                pass  # gone: its exit is seen on its own
 
     # -- answers -------------------------------------------------------------------------------
 
@@ -390,8 +389,12 @@ class LocalWorker:
         ticket = self.held.get(wire)
         if base == protocol.PROGRESS or base == protocol.ITEM:
             if ticket is not None and wire not in self.absorbed:
-                outcome = self._decoded(OutcomeKind.ITEM if base == protocol.ITEM else
-                                        OutcomeKind.PROGRESS, tag, payload, seconds)
+                outcome = self._decoded(
+                    OutcomeKind.ITEM if base == protocol.ITEM else OutcomeKind.PROGRESS,
+                    tag,
+                    payload,
+                    seconds,
+                )
                 self.pool.report(self, ticket, outcome)
             else:
                 self._discard(tag, payload)
@@ -452,16 +455,26 @@ class LocalWorker:
         tag &= ~protocol.OOB
         if codec.body_arena(payload) is None:
             data, buffers, _ = codec.decode_body(payload, [])
-            return Outcome(kind, tag, data, seconds, buffers=buffers,
-                           release=lambda: codec.release(buffers, None))
+
+            def release() -> None:
+                codec.release(buffers, None)
+
+            return Outcome(kind, tag, data, seconds, buffers=buffers, release=release)
         arena = self._from_worker
 
         def load() -> tuple[memoryview, list[Any]]:
             data, buffers, _ = codec.decode_body(payload, [arena] if arena is not None else [])
             return data, buffers
 
-        return Outcome(kind, tag, payload, seconds, loader=load, size=codec.body_size(payload),
-                       release=self._arena_read)
+        return Outcome(
+            kind,
+            tag,
+            payload,
+            seconds,
+            loader=load,
+            size=codec.body_size(payload),
+            release=self._arena_read,
+        )
 
     def _arena_read(self) -> None:
         """An answer's buffers were read out of the outbound arena: the worker may reuse it."""
@@ -577,10 +590,8 @@ class LocalWorker:
         if self.connection is not None:
             self.connection.close()
         if self._control_fd >= 0:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self._control_fd)
-            except OSError:
-                pass
             self._control_fd = -1
         self._close_shared()
 
@@ -594,4 +605,3 @@ class LocalWorker:
     def running_ticket(self) -> Ticket | None:
         wire = self.current()
         return self.held.get(wire) if wire else None
-

@@ -76,9 +76,10 @@ def clip(text: str, limit: int = MAX_TEXT) -> str:
     """``text``, cut to ``limit`` characters with a note of how much was left out."""
     if len(text) <= limit:
         return text
-    return f"{text[: limit // 2]}\n... ({len(text) - limit} characters left out) ...\n" + text[
-        -limit // 2 :
-    ]
+    return (
+        f"{text[: limit // 2]}\n... ({len(text) - limit} characters left out) ...\n"
+        + text[-limit // 2 :]
+    )
 
 
 def raised_payload(exc: BaseException, limit: int) -> bytes:
@@ -333,7 +334,7 @@ def _immutable(buffer: bytes | bytearray | memoryview) -> bool:
 
 def body_size(body: memoryview) -> int:
     """Bytes of out-of-band buffers a body carries."""
-    number, count = _BODY.unpack_from(body)
+    _, count = _BODY.unpack_from(body)
     return sum(struct.unpack_from(f"<{count}Q", body, _BODY.size))
 
 

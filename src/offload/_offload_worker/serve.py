@@ -106,8 +106,9 @@ def report_progress(done: float, total: float | None = None, message: str | None
 class _Outbox:
     """Answers out: into the ring (announced later), or the pipe when too big or no ring."""
 
-    def __init__(self, channel: Channel, ring: ring_module.Ring | None, arena: Arena | None,
-                 gate: Gate) -> None:
+    def __init__(
+        self, channel: Channel, ring: ring_module.Ring | None, arena: Arena | None, gate: Gate
+    ) -> None:
         self.channel = channel
         self.ring = ring
         self.arena = arena
@@ -241,7 +242,6 @@ class _Worker:
 
     def loop(self) -> None:
         channel = self.channel
-        ring = self.ring
         while True:
             if not channel.frames:
                 self.outbox.announce()
@@ -367,7 +367,8 @@ class _Worker:
         try:
             try:
                 if stream:
-                    result = self._stream(wire_id, fn, args, kwargs, credit)
+                    self._stream(wire_id, fn, args, kwargs, credit)
+                    result = None
                 else:
                     result = fn(*args, **kwargs)
             finally:
@@ -471,9 +472,7 @@ def resident_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def serve(
-    rfd: int, wfd: int, ctl_fd: int, *, interruptible: bool, parent_pid: int | None
-) -> None:
+def serve(rfd: int, wfd: int, ctl_fd: int, *, interruptible: bool, parent_pid: int | None) -> None:
     """Run tasks until the parent says QUIT or closes the task pipe.
 
     ``interruptible``: a STOP of the running task raises an interrupt in it (interpreter
