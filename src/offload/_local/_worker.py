@@ -66,6 +66,7 @@ class LocalWorker:
         self.held: dict[int, Ticket] = {}  # wire id -> ticket, in the order sent
         self.absorbed: set[int] = set()  # stopped already reported: swallow their answers
         self.stopping: set[int] = set()  # STOP sent, outcome not known yet
+        self.taking_back: set[int] = set()  # TAKE_BACK sent (REVOKED, or it runs here)
         self.killed_for: set[int] = set()  # killed to stop these
         # Tickets whose big buffers are being copied into an arena in a thread (ticket key ->
         # ticket, arena number); each gets its wire id when its frame is written.
@@ -328,8 +329,8 @@ class LocalWorker:
             self.pool.report(self, ticket, _RETURNED)
             return
         wire = self.wire_of(ticket)
-        if wire is not None and wire not in self.stopping and wire not in self.absorbed:
-            self.stopping.add(wire)
+        if wire is not None and wire not in self.stopping and wire not in self.taking_back:
+            self.taking_back.add(wire)
             self._control(protocol.TAKE_BACK, wire)
 
     def credit(self, ticket: Ticket, items: int) -> None:
@@ -428,6 +429,7 @@ class LocalWorker:
         self.batch.dirty = True  # room for more
         self._free_arena_of(wire)
         self.stopping.discard(wire)
+        self.taking_back.discard(wire)
         now = self.runtime.now()
         self.last_active = now
         if not self.held:
