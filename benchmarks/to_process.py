@@ -27,7 +27,6 @@ import anyio.to_process
 
 import offload.to_interpreter
 import offload.to_process
-
 from benchmarks._tasks import noop
 from benchmarks.systems import FLOOR_CHILD
 
@@ -39,7 +38,8 @@ def floor_round_trips(calls: int) -> float:
     child = subprocess.Popen(
         [sys.executable, "-I", "-S", FLOOR_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
-    assert child.stdin is not None and child.stdout is not None
+    assert child.stdin is not None
+    assert child.stdout is not None
     wfd, rfd = child.stdin.fileno(), child.stdout.fileno()
     frame = (8).to_bytes(4, "little") + b"\x00" * 8
     try:
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, values in figures.items():
         median = statistics.median(values)
         low, high = min(values) * 1e6, max(values) * 1e6
-        line = f"  {name:26} {median * 1e6:8.1f} us  ({low:.1f}-{high:.1f})  {median / floor:5.2f}x floor"
+        line = f"  {name:26} {median * 1e6:8.1f} us  ({low:.1f}-{high:.1f})"
+        line += f"  {median / floor:5.2f}x floor"
         if name.endswith("to_process"):
             line += f"  {median / anyio_median:5.2f}x anyio.to_process"
         print(line)

@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 import offload
 import tasks
-from asgi_serving import backend_name, serving
+from asgi_serving import serving
 from conftest import release
 from offload import ManagerClosed, OffloadError, WorkerManager
 from offload._context import NoCurrentManager, current_manager, use_manager

@@ -242,7 +242,9 @@ LEAK_BACKENDS = {
 
 
 @pytest.mark.parametrize("runner", list(LEAK_BACKENDS))
-def test_leaked_workers_fail_the_test_and_are_killed(pytester: pytest.Pytester, runner: str) -> None:
+def test_leaked_workers_fail_the_test_and_are_killed(
+    pytester: pytest.Pytester, runner: str
+) -> None:
     """In a subprocess: the suite abandons live workers on purpose."""
     ini(pytester, "strict")
     pytester.makepyfile(test_leak=LEAK_TEST.format(backend=LEAK_BACKENDS[runner]))

@@ -152,7 +152,11 @@ async def test_exceptions_come_back_as_themselves(run_sync: Runner) -> None:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     value=st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False)
+        | st.text()
         | st.binary(),
         lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
         max_leaves=12,
@@ -222,7 +226,9 @@ async def test_not_cancellable_a_cancellation_waits_for_the_call(
     assert process_alive(pid)  # and it stays in the pool
 
 
-async def test_cancellable_a_cancellation_kills_the_worker(started: Announcements, gate: Gate) -> None:
+async def test_cancellable_a_cancellation_kills_the_worker(
+    started: Announcements, gate: Gate
+) -> None:
     with anyio.fail_after(60):
         async with anyio.create_task_group() as tg:
             scope = anyio.CancelScope()
@@ -267,7 +273,7 @@ async def test_to_interpreter_a_cancellation_interrupts_the_call(started: Announ
                     )
 
             tg.start_soon(call)
-            _, thread = await started.next()
+            await started.next()
             scope.cancel()  # 600 s of pure Python: only an interrupt ends it within the minute
     assert outcome == []
     assert scope.cancelled_caught
@@ -348,9 +354,7 @@ async def test_the_default_limiter_is_one_per_loop_with_a_token_per_cpu() -> Non
     interpreters = to_interpreter.current_default_interpreter_limiter()
     assert interpreters is to_interpreter.current_default_interpreter_limiter()
     assert interpreters is not limiter
-    elsewhere = await anyio.to_thread.run_sync(
-        anyio.run, _default_limiters, abandon_on_cancel=True
-    )
+    elsewhere = await anyio.to_thread.run_sync(anyio.run, _default_limiters, abandon_on_cancel=True)
     assert elsewhere[0] is not limiter  # another loop, another limiter
     assert elsewhere[1] is not interpreters
 

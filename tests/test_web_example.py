@@ -58,9 +58,11 @@ web_app = load_example()
 @asynccontextmanager
 async def serving(app: Any) -> AsyncIterator[httpx.AsyncClient]:
     """Serve ``app`` in this loop (uvicorn on asyncio, hypercorn on trio); a client for it."""
-    async with asgi_serving.serving(app) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=15) as client:
-            yield client
+    async with (
+        asgi_serving.serving(app) as url,
+        httpx.AsyncClient(base_url=url, timeout=15) as client,
+    ):
+        yield client
 
 
 def add_blocking_route(app: Any, fifo: Path, entered: MemoryObjectSendStream[Any]) -> None:
@@ -139,9 +141,7 @@ async def test_full_queue_is_503_with_retry_after(fifo: Path) -> None:
     assert first[0].json() == "go"
 
 
-async def full_queue(
-    app: Any, fifo: Path, submitted: Any, first: list[httpx.Response]
-) -> None:
+async def full_queue(app: Any, fifo: Path, submitted: Any, first: list[httpx.Response]) -> None:
     async with serving(app) as client, anyio.create_task_group() as tg:
 
         async def get_first() -> None:

@@ -212,7 +212,8 @@ class ManagerFactory:
     def left_running(self) -> list[WorkerManager]:
         """The managers that started and whose shutdown has not begun."""
         return [
-            wm for wm in self.managers
+            wm
+            for wm in self.managers
             if isinstance(wm, _TestManager) and wm.started and not wm.closed
         ]
 

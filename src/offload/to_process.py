@@ -54,9 +54,7 @@ __all__ = ("BrokenWorkerProcess", "current_default_process_limiter", "run_sync")
 T_Retval = TypeVar("T_Retval")
 PosArgsT = TypeVarTuple("PosArgsT")
 
-_default_process_limiter: RunVar[anyio.CapacityLimiter] = RunVar(
-    "offload_default_process_limiter"
-)
+_default_process_limiter: RunVar[anyio.CapacityLimiter] = RunVar("offload_default_process_limiter")
 
 
 class BrokenWorkerProcess(WorkerCrashed, anyio.BrokenWorkerProcess):
@@ -100,8 +98,9 @@ async def run_sync(
         try:
             if cancellable:
                 return await wm.run(func, *args)
-            with anyio.CancelScope(shield=True):
-                return await wm.run(func, *args)
+            with anyio.CancelScope(shield=True):  # a cancellation waits for the call
+                result = await wm.run(func, *args)
+            return result  # noqa: RET504 (mypy: a CancelScope may swallow exceptions)
         except WorkerCrashed as exc:
             if isinstance(exc, BrokenWorkerProcess):
                 raise
