@@ -13,11 +13,9 @@ pool starts) so that a call holding a token finds a worker.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
-import signal
+import math
 from typing import Final
 
 import anyio
@@ -82,47 +80,19 @@ class DefaultPool:
 
         asyncio: a shutdown (``grace=0``), which hears each worker exit. trio cancels every
         system task at once when the run ends, offload's fd watchers included, so a shutdown
-        could not hear the workers exit (it would wait its 2 s margin and leave them unreaped):
-        the manager's own service kills its process workers then, and this reaps them.
+        could not hear the workers exit: the manager's own service kills and reaps its process
+        workers then, by itself.
         """
         try:
             await anyio.sleep_forever()
         except anyio.get_cancelled_exc_class():
-            if current_runtime().name == "trio":
-                _kill_and_reap(_process_pids(wm))
-            elif not wm.closed:
+            if current_runtime().name != "trio" and not wm.closed:
                 with anyio.move_on_after(_LOOP_END_WAIT, shield=True):
                     try:
                         await wm.shutdown(grace=0)
                     except Exception:
                         log.exception("offload: shutting down the %s pool failed", self.kind)
             raise
-
-
-def _process_pids(wm: WorkerManager) -> list[int]:
-    """Every process of ``wm``, workers still starting included.
-
-    ``worker_pids()`` lists ready workers only; a worker still starting (a replacement, a pool
-    growing) lives in the local backend's launch set, read here (the core reaping its workers
-    itself when the loop ends under it would make this unnecessary).
-    """
-    pids = set(wm.worker_pids())
-    for backend in getattr(wm, "_backends", {}).values():
-        for worker in getattr(backend, "_launched", ()):
-            pid = getattr(worker, "pid", None)
-            if isinstance(pid, int):
-                pids.add(pid)
-    return sorted(pids)
-
-
-def _kill_and_reap(pids: list[int]) -> None:
-    """SIGKILL each process and wait for it (milliseconds once killed)."""
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    for pid in pids:
-        with contextlib.suppress(OSError):  # ChildProcessError: reaped already
-            os.waitpid(pid, 0)
 
 
 _pools: RunVar[dict[str, DefaultPool]] = RunVar("offload_default_pools")

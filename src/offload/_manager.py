@@ -349,14 +349,19 @@ class WorkerManager:
             await self._service_done.wait()
 
     def _emergency_stop(self) -> None:
-        """The event loop is ending under a running manager: kill every process worker."""
+        """The event loop is ending under a running manager (no shutdown, or one cut short):
+        kill and reap every process worker now, and mark the manager closed."""
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
+        if self._dispatch is not None:
+            self._dispatch.closed = True
         for backend in self._backends.values():
             kill_all = getattr(backend, "kill_all", None)
             if kill_all is not None:
                 kill_all()
+        if self._closed_event is not None:
+            self._closed_event.set()
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop taking work, let queued and running tasks finish within ``grace`` seconds

@@ -56,6 +56,9 @@ class Handle(abc.ABC):
     def reaped(self) -> None:  # noqa: B027  (most kinds have nothing to clean up)
         """It has ended: clean up after it (kill what it left behind, join its thread)."""
 
+    def reap(self, timeout: float) -> None:  # noqa: B027  (only processes are reaped)
+        """After ``kill``, with no event loop to hear it: wait up to ``timeout`` for the end."""
+
     def rss(self) -> int | None:
         """Resident memory in bytes, where known."""
         return None
@@ -104,6 +107,11 @@ class _ProcessHandle(Handle):
             os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             self.process.send_signal(signal.SIGKILL)  # (if it left its group)
+
+    def reap(self, timeout: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+            self.process.wait(timeout)
+            self.reaped()
 
     def reaped(self) -> None:
         """It has exited: anything its tasks started and left in its group goes too."""

@@ -256,13 +256,17 @@ class LocalPool:
                 await self._all_gone.wait()
 
     def kill_all(self) -> None:
-        """The event loop is ending under a running pool: end every worker now, without
-        waiting (processes are killed; interpreters run nothing more)."""
+        """The event loop is ending under a running pool: end every worker now (processes are
+        killed and reaped, which takes milliseconds; interpreters run nothing more)."""
         self.closing = True
-        for worker in [*self._launched, *self.active, *self.spares, *self.retiring]:
+        workers = {*self._launched, *self.active, *self.spares, *self.retiring}
+        for worker in workers:
             if worker.state is not WorkerState.GONE:
                 worker.kill()
-                worker.abandon()
+        for worker in workers:
+            if worker.handle is not None:
+                worker.handle.reap(timeout=2.0)
+            worker.abandon()
 
     # -- placement -----------------------------------------------------------------------------
 

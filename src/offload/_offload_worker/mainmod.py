@@ -60,14 +60,20 @@ def load() -> types.ModuleType:
         return existing
     assert _where is not None
     how, where = _where
-    if how == "path":
-        spec = importlib.util.spec_from_file_location("__mp_main__", where)
-    else:
-        spec = importlib.util.find_spec(where)
+    package = None
+    if how == "module":  # `python -m pkg.mod`: load its file under the name __mp_main__
+        found = importlib.util.find_spec(where)
+        if found is None or not found.origin or not found.has_location:
+            raise ImportError(f"cannot load the caller's main module {where!r}")
+        package = where.rpartition(".")[0] if not found.submodule_search_locations else where
+        where = found.origin
+    spec = importlib.util.spec_from_file_location("__mp_main__", where)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load the caller's main module {where!r}")
     module = importlib.util.module_from_spec(spec)
     module.__name__ = "__mp_main__"  # so its `if __name__ == "__main__":` block does not run
+    if package is not None:
+        module.__package__ = package  # its relative imports work as under -m
     sys.modules["__mp_main__"] = module
     loading = True
     try:
