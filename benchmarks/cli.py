@@ -127,6 +127,11 @@ def command_timeout(scenario: str, p: Params, quick: bool) -> float:
         "looplag": p.looplag_seconds,
         "payload": 3 * p.payload_budget,
         "timeout": p.timeout_sleep * 2,
+        "overload": 60
+        + p.overload_baseline_s
+        + 3 * p.overload_capacity_s
+        + p.overload_seconds
+        + p.overload_deadline,
     }.get(scenario, 0.0)
     return base + extra
 

@@ -55,38 +55,31 @@ async def demo_server(spec: dict[str, Any]) -> AsyncIterator[Server]:
             start_new_session=True,
         )
         try:
-            async with anyio.create_task_group() as group:
-                line = b""
-                assert process.stdout is not None
-                with anyio.move_on_after(START_TIMEOUT):
-                    async for chunk in process.stdout:
-                        line += chunk
-                        if b"\n" in line:
-                            break
-                if not line.startswith(b"READY "):
-                    log.seek(0)
-                    detail = log.read().decode(errors="replace").strip().splitlines()[-5:]
-                    raise RuntimeError(
-                        "the demo server did not start: " + (" | ".join(detail) or "no output")
-                    )
-                ready = json.loads(line.split(b"\n", 1)[0][6:])
-                group.start_soon(_drain, process.stdout)  # never let its pipe fill up
-                yield Server(
-                    url=f"http://127.0.0.1:{ready['port']}",
-                    pid=process.pid,
-                    token=ready["token"],
-                    hash_seconds=float(ready["hash_seconds"]),
+            line = b""
+            assert process.stdout is not None
+            with anyio.move_on_after(START_TIMEOUT):
+                async for chunk in process.stdout:
+                    line += chunk
+                    if b"\n" in line:
+                        break
+            if not line.startswith(b"READY "):
+                log.seek(0)
+                detail = log.read().decode(errors="replace").strip().splitlines()[-5:]
+                raise RuntimeError(
+                    "the demo server did not start: " + (" | ".join(detail) or "no output")
                 )
-                group.cancel_scope.cancel()
+            ready = json.loads(line.split(b"\n", 1)[0][6:])
+            # The server prints nothing after READY (its logs go to stderr), so its stdout
+            # pipe is not read from here on.
+            yield Server(
+                url=f"http://127.0.0.1:{ready['port']}",
+                pid=process.pid,
+                token=ready["token"],
+                hash_seconds=float(ready["hash_seconds"]),
+            )
         finally:
             with anyio.CancelScope(shield=True):
                 await _stop(process)
-
-
-async def _drain(stream: anyio.abc.ByteReceiveStream) -> None:
-    with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError):
-        async for _ in stream:
-            pass
 
 
 async def _stop(process: anyio.abc.Process) -> None:
