@@ -148,6 +148,7 @@ def test_plain_rendering_has_a_legend_line_per_row() -> None:
     assert "of 20 sent" in "\n".join(legend)
     assert result.to_json()["phases"]["admission"]["logins_refused"] == 7
     assert "7 refused" in _web.summary(result)
+    assert all(len(line) <= 79 for line in legend)  # one terminal line each
 
 
 def test_summarise_counts_each_outcome_once() -> None:
