@@ -58,7 +58,9 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("stop", ["timeout", "cancel", "shutdown"])
-async def test_a1_stopping_a_task_stops_the_processes_it_started(tmp_path: Path, stop: str) -> None:
+async def test_a1_stopping_a_task_stops_the_processes_it_started(
+    tmp_path: Path, stop: str
+) -> None:
     pidfile = tmp_path / "helper.pid"
     async with manager(workers=1) as wm:
         if stop == "timeout":
@@ -127,9 +129,7 @@ def _python(script: Path, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
 
 def test_a3_workers_exit_with_their_parent_even_after_it_forked(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
-    script = _script(
-        tmp_path,
-        f"""
+    script = _script(tmp_path, f"""
         import os, signal, time, anyio, offload
 
         async def main():
@@ -144,8 +144,7 @@ def test_a3_workers_exit_with_their_parent_even_after_it_forked(tmp_path: Path) 
 
         if __name__ == "__main__":
             anyio.run(main)
-    """,
-    )
+    """)
     # (its output goes nowhere: the forked child would hold a pipe open for 30 s)
     app = _python(script, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     app.wait(30)
@@ -170,9 +169,7 @@ def test_a3_signals_to_the_group_belong_to_the_application(
     terminal do), and to each worker (as a cgroup-wide SIGTERM does): the application
     drains, the running task finishes, nothing crashes and no worker is respawned."""
     ready = tmp_path / "ready"
-    script = _script(
-        tmp_path,
-        f"""
+    script = _script(tmp_path, f"""
         import signal, sys, time, anyio, offload, tasks
 
         async def main():
@@ -191,8 +188,7 @@ def test_a3_signals_to_the_group_belong_to_the_application(
 
         if __name__ == "__main__":
             anyio.run(main)
-    """,
-    )
+    """)
     app = _python(script, start_new_session=True)  # its own group, like a service
     try:
         deadline = time.monotonic() + 30
@@ -219,9 +215,7 @@ _NAMES = ["encode", "execute", "release", "frame", "serve", "loads", "dumps", "b
 
 def test_b4_a_reference_to_main_resolves_in_the_callers_script(tmp_path: Path) -> None:
     defs = "\n".join(f"def {name}(s): return s.upper() + {name!r}" for name in _NAMES)
-    script = _script(
-        tmp_path,
-        f"""
+    script = _script(tmp_path, f"""
         import anyio, offload
 
 {textwrap.indent(defs, "        ")}
@@ -233,16 +227,13 @@ def test_b4_a_reference_to_main_resolves_in_the_callers_script(tmp_path: Path) -
 
         if __name__ == "__main__":
             anyio.run(main)
-    """,
-    )
+    """)
     out, err = _python(script).communicate(timeout=60)
     assert out.split() == [f"ABC{name}" for name in _NAMES], err
 
 
 def test_b5_a_script_without_the_main_guard_gets_a_clear_error(tmp_path: Path) -> None:
-    script = _script(
-        tmp_path,
-        """
+    script = _script(tmp_path, """
         import sys, anyio, offload
 
         def double(x):
@@ -256,8 +247,7 @@ def test_b5_a_script_without_the_main_guard_gets_a_clear_error(tmp_path: Path) -
                     print("error", exc.code, str(exc).replace("\\n", " "))
 
         anyio.run(main)  # no `if __name__ == "__main__":` guard
-    """,
-    )
+    """)
     out, err = _python(script).communicate(timeout=60)
     assert "error MAIN_GUARD_MISSING" in out, (out, err)
     assert 'if __name__ == "__main__":' in out
@@ -346,9 +336,7 @@ def _interpreter_threads() -> list[str]:
 def test_e11_a_stuck_interpreter_does_not_keep_the_process_alive(tmp_path: Path) -> None:
     if sys.version_info < (3, 13):
         pytest.skip("interpreter workers need Python 3.13+")
-    script = _script(
-        tmp_path,
-        """
+    script = _script(tmp_path, """
         import anyio, offload, tasks
 
         async def main():
@@ -360,8 +348,7 @@ def test_e11_a_stuck_interpreter_does_not_keep_the_process_alive(tmp_path: Path)
 
         if __name__ == "__main__":
             anyio.run(main)
-    """,
-    )
+    """)
     started = time.monotonic()
     app = _python(script)
     out, err = app.communicate(timeout=30)
@@ -383,9 +370,7 @@ async def test_e12_one_big_argument_does_not_break_later_ones(size_mib: int) -> 
 def test_e13_worker_nice_is_relative_to_the_caller(
     tmp_path: Path, caller: int, relative: int, expected: int
 ) -> None:
-    script = _script(
-        tmp_path,
-        f"""
+    script = _script(tmp_path, f"""
         import os, anyio, offload, tasks
 
         async def main():
@@ -394,8 +379,7 @@ def test_e13_worker_nice_is_relative_to_the_caller(
 
         if __name__ == "__main__":
             anyio.run(main)
-    """,
-    )
+    """)
     app = _python(script, preexec_fn=lambda: os.nice(caller))
     out, err = app.communicate(timeout=60)
     assert out.split() == [str(caller), str(expected)], err
@@ -404,31 +388,14 @@ def test_e13_worker_nice_is_relative_to_the_caller(
 @pytest.mark.parametrize(
     ("option", "value"),
     [
-        ("shutdown_grace", -5),
-        ("shutdown_grace", float("nan")),
-        ("shutdown_grace", "1"),
-        ("worker_nice", 50),
-        ("worker_nice", -1),
-        ("worker_nice", 2.5),
-        ("workers", 0),
-        ("workers", -1),
-        ("workers", True),
-        ("max_queue", -1),
-        ("start_timeout", 0),
-        ("interrupt_grace", -1),
-        ("health_timeout", 0),
-        ("health_interval", 0),
-        ("max_worker_age", 0),
-        ("max_tasks_per_worker", 0),
-        ("max_worker_memory", 0),
-        ("worker_memory_limit", 100),
-        ("max_payload", 0),
-        ("spare_workers", -1),
-        ("poison_after", 0),
-        ("default_timeout", 0),
-        ("max_wait", -1),
-        ("inline_below", -0.5),
-        ("scheduling", "lifo"),
+        ("shutdown_grace", -5), ("shutdown_grace", float("nan")), ("shutdown_grace", "1"),
+        ("worker_nice", 50), ("worker_nice", -1), ("worker_nice", 2.5),
+        ("workers", 0), ("workers", -1), ("workers", True), ("max_queue", -1),
+        ("start_timeout", 0), ("interrupt_grace", -1), ("health_timeout", 0),
+        ("health_interval", 0), ("max_worker_age", 0), ("max_tasks_per_worker", 0),
+        ("max_worker_memory", 0), ("worker_memory_limit", 100), ("max_payload", 0),
+        ("spare_workers", -1), ("poison_after", 0), ("default_timeout", 0),
+        ("max_wait", -1), ("inline_below", -0.5), ("scheduling", "lifo"),
         ("server_processes", 0),
     ],
 )
@@ -439,15 +406,8 @@ def test_e14_out_of_range_options_are_refused_naming_the_range(option: str, valu
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [
-        ("shutdown_grace", 0),
-        ("worker_nice", 0),
-        ("worker_nice", 19),
-        ("max_queue", 0),
-        ("spare_workers", 0),
-        ("health_interval", None),
-        ("inline_below", 0),
-    ],
+    [("shutdown_grace", 0), ("worker_nice", 0), ("worker_nice", 19), ("max_queue", 0),
+     ("spare_workers", 0), ("health_interval", None), ("inline_below", 0)],
 )
 def test_e14_the_edges_of_each_range_are_accepted(option: str, value: Any) -> None:
     WorkerManager(**{option: value})
