@@ -150,6 +150,20 @@ class Outcome:
     retry_after: str | None = None
 
 
+def default_connections() -> int:
+    """A third of the open-file limit (the server on this machine needs its share), at most
+    2000, at least 16."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 256
+    if soft == resource.RLIM_INFINITY:
+        return 2000
+    return max(16, min(2000, soft // 3))
+
+
 def evenly(rate: float, seconds: float, offset: float = 0.0) -> list[float]:
     """Due times for ``rate`` requests per second over ``seconds``, evenly spaced.
 
@@ -169,17 +183,18 @@ async def drive(
     *,
     timeout: float,
     on_outcome: Callable[[Outcome], None] | None = None,
-    max_connections: int = 2000,
+    max_connections: int | None = None,
 ) -> list[Outcome]:
     """Send every request of ``schedule`` when it is due (open loop) and wait for the answers.
 
     Each request gets an idle keep-alive connection, or a new one (at most
-    ``max_connections`` at once; past that a request waits, and its wait counts in its
-    latency). A request not answered within ``timeout`` seconds of being due is given up
-    (status 0). Returns one ``Outcome`` per request, in schedule order.
+    ``max_connections`` at once, by default a third of this process's open-file limit, at
+    most 2000; past that a request waits, and its wait counts in its latency). A request not
+    answered within ``timeout`` seconds of being due is given up (status 0). Returns one
+    ``Outcome`` per request, in schedule order.
     """
     idle: list[HttpClient] = []
-    limit = anyio.Semaphore(max_connections)
+    limit = anyio.Semaphore(max_connections or default_connections())
     outcomes: list[Outcome | None] = [None] * len(schedule)
     start = time.perf_counter() + 0.01
 

@@ -69,8 +69,8 @@ DESCRIPTION: Final = (
     "logins (1.5x what one CPU core can hash), three ways: hashes inline on the event loop; "
     "offloaded to a WorkerManager with a FIFO queue bounded by a count; offloaded with fair "
     "share and deadline-aware admission (max_wait), which refuses what could not start in "
-    "time with a fast 503. Prints one table side by side. --local runs a narrated mixed "
-    "workload on local process workers instead. Nothing leaves the machine."
+    "time with a fast 503. Prints one table side by side; takes about 25 s. --local runs a "
+    "narrated mixed workload on local process workers instead. Nothing leaves the machine."
 )
 
 
