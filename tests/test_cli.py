@@ -81,6 +81,13 @@ def test_demo_help_says_what_the_demo_does() -> None:
     assert "``" not in result.stdout
 
 
+@pytest.mark.parametrize("command", ["demo", "calibrate", "jobs"])
+def test_command_help_is_plain_text(command: str) -> None:
+    result = offload_cli(command, "--help")
+    assert result.returncode == 0
+    assert "``" not in result.stdout
+
+
 def test_calibrate_help_says_what_it_does() -> None:
     text = " ".join(offload_cli("calibrate", "--help").stdout.split())
     assert "crypto:hash_password" in text

@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         description=_calibrate.DESCRIPTION,
     )
     _calibrate.add_arguments(calibrate)
-    jobs_cli.add_parser(commands)
+    jobs = jobs_cli.add_parser(commands)
+    if jobs.description:  # written as reStructuredText for the docs; help is plain text
+        jobs.description = jobs.description.replace("``", "'")
     args = parser.parse_args(argv)
     if args.command == "jobs":
         return jobs_cli.run(args)
