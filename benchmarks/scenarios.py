@@ -51,6 +51,7 @@ class Params:
     overload_deadline: float = 2.0
     overload_factor: float = 2.0
     overload_cheap_rate: float = 100.0
+    overload_scrypt_p: int = 0  # filled in by the orchestrator's calibration (0: calibrate here)
     burn_per_ms: float = 0.0  # filled in by the orchestrator's calibration
 
     @classmethod
