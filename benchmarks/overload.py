@@ -42,11 +42,19 @@ PASSWORD_BODY = b'{"password": "correct horse battery staple"}'
 
 
 def calibrate_scrypt(target: float) -> dict[str, int]:
-    """scrypt parameters (n=2^15, r=8: 32 MiB) whose hash takes about ``target`` seconds here:
-    ``p`` (run one after another) sets the time in steps of one n=2^15 hash (~0.1 s)."""
-    from offload.demo._server import time_hash
+    """scrypt parameters (n=2^15, r=8: 32 MiB) whose hash costs about ``target`` seconds of CPU
+    here: ``p`` (run one after another) sets the cost in steps of one n=2^15 hash (~0.1 s).
 
-    one = time_hash({"n": 2**15, "r": 8, "p": 1}, runs=3)
+    Timed in CPU seconds of this thread (the least of five), not wall time: on a machine busy
+    with other work, wall time would make the hash look dearer and the chosen cost smaller.
+    """
+    from offload.tasks import hash_password
+
+    one = float("inf")
+    for _ in range(5):
+        started = time.thread_time()
+        hash_password("correct horse battery staple", n=2**15, r=8, p=1)
+        one = min(one, time.thread_time() - started)
     return {"n": 2**15, "r": 8, "p": max(1, round(target / one))}
 
 
