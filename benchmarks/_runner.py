@@ -74,7 +74,7 @@ def main() -> None:
     # workers need, so that no scenario (startup above all) pays for a cold cache.
     # (Skipped with --quick, whose figures are not compared with anything.)
     warmup_error = None
-    if warm:
+    if warm and system_cls.warm_cycle:
         try:
             with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
                 runner.run(asyncio.wait_for(_warm(system_cls()), 60))

@@ -127,6 +127,11 @@ def command_timeout(scenario: str, p: Params, quick: bool) -> float:
         "looplag": p.looplag_seconds,
         "payload": 3 * p.payload_budget,
         "timeout": p.timeout_sleep * 2,
+        "overload": 60
+        + p.overload_baseline_s
+        + 3 * p.overload_capacity_s
+        + p.overload_seconds
+        + p.overload_deadline,
     }.get(scenario, 0.0)
     return base + extra
 
@@ -246,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     if {"cpu", "looplag"} & set(scenarios):
         params.burn_per_ms = calibrate_burn()
+    if "overload" in scenarios:
+        from .overload import calibrate_scrypt
+
+        # Once for the whole run, so every system and repetition hashes the same cost.
+        params.overload_scrypt_p = calibrate_scrypt(params.overload_hash_s)["p"]
     busy_before = _procs.cpu_busy(0.5)
     log(
         f"python {platform.python_version()} ({sys.executable}), {os.cpu_count()} cpus,"

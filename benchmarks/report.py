@@ -243,6 +243,46 @@ def summarise(
             rows.setdefault(m, {"cumulative_ms": None, "runs": 0, "error": err})
         summary["import"] = {"rows": rows}
 
+    if "overload" in res:
+        keys = (
+            "capacity_per_s",
+            "offered_per_s",
+            "goodput_per_s",
+            "goodput_fraction",
+            "met_share",
+            "refusal_p99_ms",
+            "cheap_p99_ms",
+            "cheap_base_p99_ms",
+            "cheap_x_base",
+            "hash_s",
+            "workers",
+            "expensive_sent",
+            "accepted",
+            "refused",
+            "in_time",
+            "late",
+            "dropped_504",
+            "unanswered",
+            "cheap_failed",
+            "cheap_sent",
+            "loop_lag_p99_ms",
+        )
+        rows = {}
+        for s, reps in res["overload"].items():
+            row: dict[str, Any] = {key: _metric(res, "overload", s, key) for key in keys}
+            row["inline"] = _med([_get(r, "manager.inline") for r in reps.values()])
+            row["reps"] = len(reps)
+            # Every repetition's headline figures, so a reader sees the spread, not a median.
+            row["runs"] = [
+                {
+                    key: reps[rep].get(key)
+                    for key in ("goodput_fraction", "met_share", "refusal_p99_ms", "cheap_x_base")
+                }
+                for rep in sorted(reps)
+            ]
+            rows[s] = row
+        summary["overload"] = {"rows": rows}
+
     busy: Counter[tuple[str, str]] = Counter(
         (e["scenario"], e["system"])
         for e in raw
@@ -298,6 +338,16 @@ TARGETS = (
     Target("startup", "offload-process", "ready <= 150 ms", "ready_ms", "<=", 150.0),
     Target("startup", "offload-interpreter", "ready <= 150 ms", "ready_ms", "<=", 150.0),
     Target("import", "offload", "import <= 30 ms", "cumulative_ms", "<=", 30.0),
+    *(
+        target
+        for system in ("offload-admission", "offload-admission-jwt-on-loop")
+        for target in (
+            Target("overload", system, "goodput >= 0.9x capacity", "goodput_fraction", ">=", 0.9),
+            Target("overload", system, ">= 99% of accepted in time", "met_share", ">=", 0.99),
+            Target("overload", system, "refusal p99 <= 50 ms", "refusal_p99_ms", "<=", 50.0),
+            Target("overload", system, "cheap p99 <= 3x unloaded", "cheap_x_base", "<=", 3.0),
+        )
+    ),
 )
 
 
@@ -395,6 +445,9 @@ TITLES = {
     "timeout": "timeout: {timeout_sleep:g} s sleep task, {deadline_ms:g} ms deadline",
     "startup": "startup: construct/start -> first call -> both workers answered (ms)",
     "import": "import: python -X importtime -c 'import MODULE', cumulative (ms)",
+    "overload": "overload: a uvicorn server, expensive work (scrypt ~{overload_hash_s:g} s,"
+    " {overload_deadline:g} s deadline) at {overload_factor:g}x its capacity, plus"
+    " {overload_cheap_rate:g} cheap JWT checks/s",
 }
 
 
@@ -572,6 +625,57 @@ def render(summary: dict[str, Any], params: dict[str, Any]) -> str:
             " that answered the pair",
         )
 
+    if "overload" in summary:
+        s = summary["overload"]
+        rows = []
+        for name in _order(s["rows"]):
+            r = s["rows"][name]
+            rows.append(
+                [
+                    _label(s["rows"], name),
+                    f"{fmt(r['capacity_per_s'], 2)} ({fmt(r['workers'], 0)}w)",
+                    fmt(r["offered_per_s"], 2),
+                    fmt(r["goodput_per_s"], 2),
+                    _share(r["goodput_fraction"]),
+                    _share(r["met_share"]),
+                    fmt(r["refusal_p99_ms"]),
+                    f"{fmt(r['cheap_p99_ms'])} / {fmt(r['cheap_base_p99_ms'])}",
+                    fx(r["cheap_x_base"]),
+                    f"{fmt(r['refused'], 0)}/{fmt(r['late'], 0)}/{fmt(r['dropped_504'], 0)}",
+                    _targets_cell(summary, "overload", name),
+                ]
+            )
+        section(
+            "overload",
+            [
+                "system",
+                "capacity/s",
+                "offered/s",
+                "goodput/s",
+                "xcapacity",
+                "in time",
+                "503 p99 ms",
+                "cheap p99 ms (unloaded)",
+                "xunloaded",
+                "503/late/504",
+                "targets",
+            ],
+            rows,
+            "goodput = expensive answered within the deadline per second; in time = share of"
+            " accepted (not refused) that met it; 503/late/504 = refused at once / answered"
+            " after the deadline / dropped unstarted (medians over repetitions)",
+        )
+        for name in _order(s["rows"]):
+            runs = s["rows"][name]["runs"]
+            out.append(
+                f"  {name} per repetition: "
+                + "; ".join(
+                    f"xcap {_share(run['goodput_fraction'])}, in time {_share(run['met_share'])},"
+                    f" 503 p99 {fmt(run['refusal_p99_ms'])} ms, cheap {fx(run['cheap_x_base'])}"
+                    for run in runs
+                )
+            )
+
     if "import" in summary:
         s = summary["import"]
         rows = [
@@ -605,6 +709,10 @@ def render(summary: dict[str, Any], params: dict[str, Any]) -> str:
         met = sum(t["status"] == "met" for t in targets)
         out.append(f"{met}/{len(targets)} targets met")
     return "\n".join(out)
+
+
+def _share(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0%}"
 
 
 def _fmt_target_value(t: dict[str, Any]) -> str:
@@ -649,6 +757,16 @@ def brief(scenario: str, result: dict[str, Any]) -> str:
             )
         if scenario == "startup":
             return f"ready {result['ready_ms']:.1f} ms (first call {result['first_call_ms']:.1f})"
+        if scenario == "overload":
+            refusal = result["refusal_p99_ms"]
+            return (
+                f"capacity {result['capacity_per_s']:.2f}/s, goodput"
+                f" {result['goodput_fraction']:.0%} of it, {result['in_time']}/"
+                f"{result['accepted']} accepted in time, {result['refused']} refused"
+                f" (p99 {'-' if refusal is None else f'{refusal:.1f}'} ms), cheap p99"
+                f" {result['cheap_p99_ms']:.1f} ms vs {result['cheap_base_p99_ms']:.1f} unloaded,"
+                f" {result['manager']['inline']} inline"
+            )
     except (KeyError, TypeError):
         pass
     return "done"
@@ -665,6 +783,7 @@ CHART_METRICS = (
     ("timeout", "overshoot_ms", "timeout: back - deadline (ms)"),
     ("startup", "ready_ms", "startup ready (ms)"),
     ("import", "cumulative_ms", "import (ms)"),
+    ("overload", "goodput_fraction", "overload: goodput / capacity"),
 )
 
 

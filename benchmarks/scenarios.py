@@ -44,6 +44,14 @@ class Params:
     timeout_deadline: float = 0.1
     timeout_sleep: float = 10.0
     import_runs: int = 2
+    overload_seconds: float = 20.0
+    overload_capacity_s: float = 10.0
+    overload_baseline_s: float = 5.0
+    overload_hash_s: float = 0.6
+    overload_deadline: float = 2.0
+    overload_factor: float = 2.0
+    overload_cheap_rate: float = 100.0
+    overload_scrypt_p: int = 0  # filled in by the orchestrator's calibration (0: calibrate here)
     burn_per_ms: float = 0.0  # filled in by the orchestrator's calibration
 
     @classmethod
@@ -63,6 +71,9 @@ class Params:
             payload_call_timeout=5.0,
             timeout_sleep=1.0,
             import_runs=1,
+            overload_seconds=8.0,
+            overload_capacity_s=5.0,
+            overload_baseline_s=2.0,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -441,6 +452,15 @@ async def startup(system: System, p: Params) -> dict[str, Any]:
     }
 
 
+async def overload(system: System, p: Params) -> dict[str, Any]:
+    """A real server at twice its capacity for expensive work (see ``benchmarks.overload``)."""
+    from . import overload as scenario
+    from .systems import OverloadSystem
+
+    assert isinstance(system, OverloadSystem)
+    return await scenario.run(system, p)
+
+
 SCENARIOS: dict[str, Callable[[System, Params], Awaitable[dict[str, Any]]]] = {
     "latency": latency,
     "throughput": throughput,
@@ -449,6 +469,7 @@ SCENARIOS: dict[str, Callable[[System, Params], Awaitable[dict[str, Any]]]] = {
     "payload": payload,
     "timeout": timeout,
     "startup": startup,
+    "overload": overload,
 }
 # ``import`` is measured by the orchestrator itself (a fresh interpreter per sample).
 ALL_SCENARIOS = (*SCENARIOS, "import")
@@ -457,7 +478,13 @@ ALL_SCENARIOS = (*SCENARIOS, "import")
 FLOOR_SCENARIOS = frozenset({"latency", "throughput", "looplag", "payload", "startup"})
 
 
+# Scenarios only the systems that name them in ``only`` take part in.
+EXCLUSIVE_SCENARIOS = frozenset({"overload"})
+
+
 def applies(system_cls: type[System], scenario: str) -> bool:
+    if scenario in EXCLUSIVE_SCENARIOS:
+        return system_cls.only is not None and scenario in system_cls.only
     if system_cls.only is not None:
         return scenario in system_cls.only
     if not system_cls.runs_code:

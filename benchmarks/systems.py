@@ -48,6 +48,8 @@ class System:
     rejects: ClassVar[dict[str, str]] = {}
     #: How the timeout scenario's deadline is applied.
     timeout_mode: ClassVar[str] = "asyncio.wait_for around the call"
+    #: Whether the runner does one untimed start/call/stop cycle first (see ``_runner``).
+    warm_cycle: ClassVar[bool] = True
 
     def load(self) -> str:
         """Import the library; return its version. Raise ``Unavailable`` to skip."""
@@ -519,6 +521,81 @@ class AioMultiprocess(System):
             core._manager = None  # type: ignore[union-attr]
 
 
+# --------------------------------------------------------------------------- overload
+
+
+class OverloadSystem(System):
+    """An offload configuration behind a real server, for the ``overload`` scenario only.
+
+    The scenario starts the server itself (``offload.demo._server``) with ``spec()``; the
+    runner's ``start``/``aclose`` have nothing to do.
+    """
+
+    only = frozenset({"overload"})
+    import_name = None
+    warm_cycle = False  # the scenario warms its own server up
+    mode = "app"
+    #: The manager's options (the default ``workers``: the library's, for this machine).
+    manager: ClassVar[dict[str, Any]] = {}
+    #: Whether the password hash carries the deadline as its ``timeout``.
+    deadline_on_task: ClassVar[bool] = False
+    #: "offload": the JWT check is a task (``jwt:verify``); "inline": the app runs it itself.
+    cheap: ClassVar[str] = "offload"
+
+    def load(self) -> str:
+        for module in ("starlette", "uvicorn", "jwt"):
+            _import(module)
+        offload = _import("offload")
+        _import("offload.demo._server")
+        return getattr(offload, "__version__", "") or _version("offload")
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    def spec(self, scrypt: dict[str, int], deadline: float) -> dict[str, Any]:
+        mode = {
+            "manager": {**self.manager, "shutdown_grace": 2},
+            "cheap": self.cheap,
+            "heavy_timeout": deadline if self.deadline_on_task else None,
+        }
+        return {"token": "jwt", "scrypt": scrypt, "modes": {self.mode: mode}}
+
+
+class OverloadFifo(OverloadSystem):
+    name = "offload-fifo-count"
+    doc = (
+        "today's behaviour: WorkerManager(scheduling='fifo', max_queue=8), no deadline on the "
+        "task, the JWT check offloaded too (admission only by count)"
+    )
+    manager: ClassVar[dict[str, Any]] = {"scheduling": "fifo", "max_queue": 8}
+
+
+class OverloadAdmission(OverloadSystem):
+    name = "offload-admission"
+    doc = (
+        "WorkerManager(scheduling='fair', max_queue=64, inline_below=0.001), the deadline as "
+        "the hash's timeout (deadline-aware admission), the JWT check offloaded (inline_below)"
+    )
+    manager: ClassVar[dict[str, Any]] = {
+        "scheduling": "fair",
+        "max_queue": 64,
+        "inline_below": 0.001,
+    }
+    deadline_on_task = True
+
+
+class OverloadAdmissionLoopJwt(OverloadAdmission):
+    name = "offload-admission-jwt-on-loop"
+    doc = (
+        "offload-admission, but the app checks the JWT on the event loop itself: what "
+        "inline_below is meant to do for the cheap type"
+    )
+    cheap = "inline"
+
+
 SYSTEMS: dict[str, type[System]] = {
     cls.name: cls
     for cls in (
@@ -532,10 +609,14 @@ SYSTEMS: dict[str, type[System]] = {
         Pebble,
         Loky,
         AioMultiprocess,
+        OverloadFifo,
+        OverloadAdmission,
+        OverloadAdmissionLoopJwt,
     )
 }
 FLOORS = frozenset({"floor", "floor-blocking"})
-OFFLOAD = frozenset({"offload-process", "offload-interpreter"})
+OVERLOAD = frozenset({"offload-fifo-count", "offload-admission", "offload-admission-jwt-on-loop"})
+OFFLOAD = frozenset({"offload-process", "offload-interpreter"}) | OVERLOAD
 
 
 def perf_ms(t0: float) -> float:

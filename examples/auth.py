@@ -1,13 +1,20 @@
 """Sign and verify a JWT, hash and check a password, all on worker processes.
 
-Run it with ``python examples/auth.py``. The CPU-heavy parts (scrypt, signatures) run in a
-WorkerManager's workers, so the event loop stays free for other requests meanwhile.
+Needs the ``jwt`` extra (PyJWT and cryptography). From the offload checkout::
+
+    pip install '.[jwt]'
+    python examples/auth.py
+
+The CPU-heavy parts (scrypt, signatures) run in a WorkerManager's workers, so the event loop
+stays free for other requests meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import secrets
+import sys
 
 import offload
 from offload import builtins
@@ -53,4 +60,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    if importlib.util.find_spec("jwt") is None:
+        sys.exit("examples/auth.py needs the jwt extra: pip install '.[jwt]' (from the checkout)")
     asyncio.run(main())

@@ -1,9 +1,9 @@
 """Run offload tasks on a Dask cluster: the same calls as on local workers.
 
-Run it with ``python examples/dask_cluster.py`` (needs ``pip install 'offload[dask]'``). It
-starts a two-worker Dask ``LocalCluster`` to stand in for a real one, then talks to it by
-address, as you would to ``tcp://scheduler:8786``. Only the manager's construction names
-Dask; the tasks, priorities, deadlines and error codes are offload's.
+Run it with ``python examples/dask_cluster.py`` (needs ``pip install '.[dask]'`` from the
+offload checkout). It starts a two-worker Dask ``LocalCluster`` to stand in for a real one,
+then talks to it by address, as you would to ``tcp://scheduler:8786``. Only the manager's
+construction names Dask; the tasks, priorities, deadlines and error codes are offload's.
 
 On a real cluster, task functions must be importable on the Dask workers: put them in a
 package installed there (with offload). This script's own ``stretch`` works here because

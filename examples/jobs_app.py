@@ -2,7 +2,7 @@
 
 Run it (on 127.0.0.1 only)::
 
-    pip install 'offload[web]' fastapi
+    pip install '.[fastapi]'      # from the offload checkout: the web extra and FastAPI
     python examples/jobs_app.py --port 8000 --store sqlite:///tmp/jobs.db
 
 Then::

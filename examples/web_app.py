@@ -2,7 +2,7 @@
 
 Run it (on 127.0.0.1 only)::
 
-    pip install 'offload[web,jwt,zstd]'
+    pip install '.[web,jwt,zstd]'      # from the offload checkout (no release yet)
     python examples/web_app.py --port 8000
 
 On trio, with hypercorn's trio worker (``pip install hypercorn trio``; from the checkout's

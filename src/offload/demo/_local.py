@@ -1,19 +1,30 @@
-"""``offload demo --local``: a short mixed workload on local process workers, narrated."""
+"""``offload demo --local``: a short mixed workload on local process workers, narrated.
+
+Seven tasks of three types and three priorities, one of them with a deadline it cannot meet,
+go to a manager whose workers are first filled with warm-up tasks (two per worker), so the
+queue decides the order of the rest: high before normal before low. Each task is printed as it
+finishes: ``#`` is the order in which it was submitted, so rows out of ``#`` order show the
+queue at work.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
 
-from ._manager import WorkerManager
-from ._registry import task
-from ._stats import TaskRecord
-from ._task import Task
-from .errors import OffloadError
+import anyio
+import anyio.lowlevel
+
+from .._manager import WorkerManager
+from .._registry import task
+from .._stats import TaskRecord
+from .._task import Task
+from ..errors import OffloadError
+
+__all__ = ("WORKLOAD", "run_local_demo")
 
 
 @task("demo:add")
@@ -50,7 +61,8 @@ def spin(seconds: float) -> float:
     return seconds
 
 
-_WORKLOAD: list[dict[str, Any]] = [
+#: The demo's tasks (the warm-ups come on top of these).
+WORKLOAD: list[dict[str, Any]] = [
     {"id": "low-primes", "type": "demo:primes", "data": {"below": 2_000_000}, "priority": "low"},
     {"id": "n-stretch", "type": "demo:stretch", "data": {"text": "hi", "rounds": 300_000}},
     {"id": "high-add", "type": "demo:add", "data": {"a": 40, "b": 2}, "priority": "high"},
@@ -68,7 +80,11 @@ _WORKLOAD: list[dict[str, Any]] = [
 
 async def run_local_demo(workers: int = 2, out: Callable[[str], None] = print) -> None:
     """Run the mixed workload; print each task as it finishes, then the manager's stats."""
-    out(f"offload demo: {len(_WORKLOAD)} tasks on {workers} local process workers")
+    warmups = workers * 2
+    out(
+        f"offload demo --local: {len(WORKLOAD)} tasks on {workers} local process workers, "
+        f"after {warmups} warm-up tasks ({len(WORKLOAD) + warmups} rows below)"
+    )
     started = time.perf_counter()
     header = f"{'#':>3}  {'task':<14}{'priority':<10}{'wait ms':>9}{'run ms':>9}  outcome"
 
@@ -81,21 +97,25 @@ async def run_local_demo(workers: int = 2, out: Callable[[str], None] = print) -
 
     async with WorkerManager(workers=workers, max_queue=100, on_task_done=show) as wm:
         out(
-            f"workers ready in {(time.perf_counter() - started) * 1000:.0f} ms; "
-            "two warm-up tasks per worker fill them first, so priorities decide the rest\n"
+            f"workers ready in {(time.perf_counter() - started) * 1000:.0f} ms; the warm-up "
+            "tasks fill them first, so priorities decide the order of the rest.\n"
+            "Rows come as tasks finish; # is the order they were submitted in (warm-ups "
+            f"1-{warmups}), so a row out of # order is the queue at work.\n"
         )
         out(header)
-        warmups = [
-            Task(spin, args=(0.2,), id=f"warm-up-{i}", priority="normal")
-            for i in range(workers * 2)
+        calls: list[Task | dict[str, Any]] = [
+            Task(spin, args=(0.2,), id=f"warm-up-{i}", priority="normal") for i in range(warmups)
         ]
-        calls: list[Task | dict[str, Any]] = [*warmups, *_WORKLOAD]
+        calls.extend(WORKLOAD)
 
         async def one(spec: Task | dict[str, Any]) -> None:
-            with contextlib.suppress(OffloadError):
+            with contextlib.suppress(OffloadError):  # shown by on_task_done (TIMEOUT, ...)
                 await wm.execute_task(spec)
 
-        await asyncio.gather(*(one(spec) for spec in calls))
+        async with anyio.create_task_group() as group:
+            for spec in calls:
+                group.start_soon(one, spec)
+                await anyio.lowlevel.checkpoint()  # submitted in this order: # follows it
         stats = wm.stats()
     out(
         f"\nstats: submitted={stats.submitted} completed={stats.completed} "
