@@ -22,8 +22,12 @@ Then::
     curl -s localhost:8000/token -d '{"sub": "alice"}'
     curl -s localhost:8000/token/verify -d '{"token": "eyJ..."}'
     curl -s localhost:8000/compress?codec=zstd --data-binary @some-file -o some-file.zst
+    curl -s localhost:8000/workers          # each worker: state, tasks, memory (offload top)
+    curl -s localhost:8000/metrics          # Prometheus (with the metrics extra installed)
 
-``/health`` is answered on the event loop (it is cheap); everything else is a built-in task
+``/health``, ``/workers`` and ``/metrics`` are answered on the event loop (they are cheap);
+``offload top http://127.0.0.1:8000/workers`` shows the workers live. Everything else is a
+built-in task
 type (``crypto:hash_password``, ``jwt:sign``, ``compress:zstd``, ...) run by the manager
 that ``offload.asgi.lifespan`` opens for the app's lifetime. When the queue is full the
 client gets ``503`` with ``Retry-After``, when a task misses its deadline ``504``, both as
@@ -47,7 +51,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from offload import OffloadError, builtins
-from offload.asgi import handle_offload_error, lifespan
+from offload.asgi import handle_offload_error, lifespan, workers_endpoint
 
 MAX_BODY = 16 * 1024 * 1024  # bytes accepted by /compress
 CODECS = {"zstd": "application/zstd", "gzip": "application/gzip"}
@@ -85,6 +89,17 @@ def create_app(
     """
     secret = jwt_secret or os.environ.get("JWT_SECRET") or secrets.token_urlsafe(32)
     options = {"max_queue": 64, "shutdown_grace": 10.0} | manager_options
+
+    async def metrics(request: Request) -> Response:
+        try:
+            from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+            from offload.metrics import OffloadCollector
+        except ImportError:
+            return JSONResponse({"error": "pip install '.[metrics]' for /metrics"}, 501)
+        registry = CollectorRegistry()
+        registry.register(OffloadCollector(request.state.workers))
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     async def health(request: Request) -> Response:
         stats = request.state.workers.stats()
@@ -147,6 +162,8 @@ def create_app(
     return Starlette(
         routes=[
             Route("/health", health),
+            Route("/workers", workers_endpoint),
+            Route("/metrics", metrics),
             Route("/password/hash", hash_password, methods=["POST"]),
             Route("/password/verify", verify_password, methods=["POST"]),
             Route("/token", issue_token, methods=["POST"]),

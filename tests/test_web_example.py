@@ -112,6 +112,15 @@ async def test_endpoints_give_correct_results() -> None:
         assert gzip.decompress(packed.content) == payload
         assert len(packed.content) < len(payload) // 10
 
+        workers = (await client.get("/workers")).json()
+        assert workers["stats"]["completed"] >= 6
+        serving_workers = [w for w in workers["workers"] if not w["spare"]]
+        assert [w["state"] for w in serving_workers] == ["idle"]
+        assert serving_workers[0]["tasks_done"] >= 6
+        metrics = await client.get("/metrics")
+        assert metrics.status_code == 200
+        assert "offload_tasks_finished_total" in metrics.text
+
 
 async def test_bad_requests_are_400_without_echoing_input() -> None:
     app = web_app.create_app(workers=1)
@@ -310,3 +319,18 @@ def _running(proc: psutil.Process) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+async def test_offload_top_shows_the_apps_workers(capsys: pytest.CaptureFixture[str]) -> None:
+    from offload._top import run_top
+
+    app = web_app.create_app(workers=1)
+    async with serving(app) as client:
+        await client.post("/password/hash", json={"password": "x"})
+        url = f"{client.base_url}workers"
+        status = await anyio.to_thread.run_sync(run_top, url, 1.0, True)
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "process: 1 workers" in out
+    assert "completed 1" in out
+    assert "idle" in out

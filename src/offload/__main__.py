@@ -1,4 +1,5 @@
-"""The ``offload`` command (also ``python -m offload``): ``demo``, ``calibrate``, ``jobs``."""
+"""The ``offload`` command (also ``python -m offload``): ``demo``, ``calibrate``, ``jobs``,
+``top``."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ DESCRIPTION = (
     "offload runs CPU-heavy work from async Python code on worker processes, so the event "
     "loop stays free. Commands: 'offload demo' shows it on a small web app under load; "
     "'offload calibrate' times password-hash costs on this machine; 'offload jobs' runs and "
-    "inspects durable background jobs. 'offload COMMAND --help' tells more."
+    "inspects durable background jobs; 'offload top URL' shows an app's workers live. "
+    "'offload COMMAND --help' tells more."
 )
 
 
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
-    from ._cli import OneLineParser
+    from ._cli import OneLineParser, seconds
     from .demo import _calibrate, _web
     from .jobs import _cli as jobs_cli
 
@@ -38,6 +40,18 @@ def main(argv: list[str] | None = None) -> int:
         description=_calibrate.DESCRIPTION,
     )
     _calibrate.add_arguments(calibrate)
+    top = commands.add_parser(
+        "top",
+        help="a live view of an app's workers, from its /workers route",
+        description="Poll an app's /workers route (see examples/web_app.py) and show each "
+        "worker: its state, tasks done, failures, the task it runs and for how long, its "
+        "memory. Ctrl-C ends it.",
+    )
+    top.add_argument("url", help="the route, e.g. http://127.0.0.1:8000/workers")
+    top.add_argument(
+        "--interval", type=seconds(0.0, high=3600.0), default=1.0, help="seconds between polls (1)"
+    )
+    top.add_argument("--once", action="store_true", help="print one view and exit")
     jobs = jobs_cli.add_parser(commands)
     if jobs.description:  # written as reStructuredText for the docs; help is plain text
         jobs.description = jobs.description.replace("``", "'")
@@ -46,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         return jobs_cli.run(args)
     if args.command == "calibrate":
         return _calibrate.run_from_args(args)
+    if args.command == "top":
+        from ._top import run_top
+
+        return run_top(args.url, args.interval, once=args.once)
     if args.local:
         import anyio
 

@@ -72,6 +72,7 @@ __all__ = (
     "get_manager",
     "handle_offload_error",
     "lifespan",
+    "workers_endpoint",
 )
 
 log = logging.getLogger("offload.asgi")
@@ -222,6 +223,20 @@ class OffloadMiddleware:
                 await self.app(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+
+async def workers_endpoint(request: Request) -> JSONResponse:
+    """A route: the app's manager's ``stats()`` and ``worker_statistics()`` as JSON.
+
+    >>> Route("/workers", workers_endpoint)  # doctest: +SKIP
+
+    ``{"stats": {...}, "workers": [{"id": 1, "state": "busy", ...}, ...]}``: what
+    ``offload top URL`` shows live. It says how busy the server is: mount it where only
+    operators reach it.
+    """
+    from ._top import workers_json
+
+    return JSONResponse(workers_json(get_manager(request)))
 
 
 def error_response(exc: BaseException, *, retry_after: int | None = None) -> JSONResponse:
