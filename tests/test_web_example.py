@@ -327,7 +327,7 @@ async def test_offload_top_shows_the_apps_workers(capsys: pytest.CaptureFixture[
     app = web_app.create_app(workers=1)
     async with serving(app) as client:
         await client.post("/password/hash", json={"password": "x"})
-        url = f"{client.base_url}workers"
+        url = str(client.base_url.join("/workers"))
         status = await anyio.to_thread.run_sync(run_top, url, 1.0, True)
     assert status == 0
     out = capsys.readouterr().out
