@@ -469,6 +469,8 @@ class WorkerManager:
         flow, name = self._flow(fn)
         if retry_policy is None and on_progress is None and self._config.inline_below is None:
             # The common case, in one frame: one attempt, no progress, never inline.
+            sample = self._sample = self._sample + 1
+            cpu = time.thread_time() if not sample & 63 and not dispatch.jobs else None
             payload = self._encode_here(fn, args, None, task_id)
             if payload is not None:
                 job = dispatch.submit(
@@ -489,6 +491,8 @@ class WorkerManager:
                     if job.state is not JobState.DONE:
                         await self._stop_after_cancel(job)
                     raise
+                if cpu is not None and len(dispatch.jobs) == 0:  # alone: its loop cost is this
+                    dispatch.note_loop_cost(time.thread_time() - cpu)
                 if job.error is None:
                     return job.result  # type: ignore[no-any-return]
                 if job.error is CANCELLED:
@@ -666,12 +670,8 @@ class WorkerManager:
         dispatch = self._dispatch
         assert dispatch is not None
         sample = self._sample = self._sample + 1
-        measure = not sample & 31
-        if measure:
-            begun = time.perf_counter()
+        cpu = time.thread_time() if not sample & 63 and not dispatch.jobs else None
         job = dispatch.submit(sub)
-        if measure:
-            dispatch.note_loop_cost(2 * (time.perf_counter() - begun))
         waiter = job.waiter
         try:
             await waiter.wait()
@@ -679,6 +679,8 @@ class WorkerManager:
             if job.state is not JobState.DONE:
                 await self._stop_after_cancel(job)
             raise
+        if cpu is not None and not dispatch.jobs:  # alone: its whole loop cost is this
+            dispatch.note_loop_cost(time.thread_time() - cpu)
         if job.error is CANCELLED:  # stopped on another's behalf (e.g. a stream consumer)
             raise ManagerClosed("the task was stopped", task_id=sub.task_id)
         return job.outcome()

