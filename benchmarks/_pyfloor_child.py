@@ -8,6 +8,7 @@ subinterpreter in the interpreter variant (``benchmarks.systems.PythonFloorInter
 An exception in ``fn`` comes back as ``(False, repr)``; a result as ``(True, value)``.
 """
 
+import contextlib
 import os
 import pickle
 
@@ -48,7 +49,5 @@ def serve(rfd: int, wfd: int) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):
         serve(0, 1)
-    except (BrokenPipeError, KeyboardInterrupt):
-        pass

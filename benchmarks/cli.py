@@ -508,7 +508,10 @@ def merge_runs(paths: list[str], chart_path: str | None) -> int:
         with open(path) as f:
             doc = json.load(f)
         runs.append((doc["meta"]["python"], doc))
-    merged = report.merge_summaries([(python, doc["summary"]) for python, doc in runs])
+    # Summaries are made again from the raw samples, with this version's report code.
+    merged = report.merge_summaries(
+        [(python, report.summarise(doc["raw"], doc["imports"], CONTENDED)) for python, doc in runs]
+    )
     pythons = ", ".join(
         f"{python} ({doc['meta']['date'][:16]}, repeat={doc['meta']['repeat']})"
         for python, doc in runs

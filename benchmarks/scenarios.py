@@ -460,8 +460,10 @@ async def startup(system: System, p: Params) -> dict[str, Any]:
 # --------------------------------------------------------------------------- map
 
 
-def _chunk_label(chunksize: int | None) -> str:
-    return "adaptive" if chunksize is None else str(chunksize)
+def _chunk_label(system: System, chunksize: int | None) -> str:
+    if chunksize is not None:
+        return str(chunksize)
+    return "adaptive" if system.name.startswith("offload") else "default"
 
 
 async def map_(system: System, p: Params) -> dict[str, Any]:
@@ -484,7 +486,7 @@ async def map_(system: System, p: Params) -> dict[str, Any]:
             seconds = time.perf_counter() - t0
             if len(results) != len(items) or sum(results) != expected or results[:3] != items[:3]:
                 raise ValueError(f"map returned {len(results)} results, not the items in order")
-            out["by_chunksize"][_chunk_label(cs)] = {
+            out["by_chunksize"][_chunk_label(system, cs)] = {
                 "seconds": seconds,
                 "items_per_s": p.map_items / seconds,
             }
@@ -615,7 +617,9 @@ SCENARIOS: dict[str, Callable[[System, Params], Awaitable[dict[str, Any]]]] = {
 ALL_SCENARIOS = (*SCENARIOS, "import")
 
 # Which scenarios the byte-only floors take part in.
-FLOOR_SCENARIOS = frozenset({"latency", "throughput", "looplag", "payload", "startup", "payloadlag"})
+FLOOR_SCENARIOS = frozenset(
+    {"latency", "throughput", "looplag", "payload", "startup", "payloadlag"}
+)
 
 
 def applies(system_cls: type[System], scenario: str) -> bool:

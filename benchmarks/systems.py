@@ -70,7 +70,9 @@ class System:
         """A system that measures a scenario its own way (outside Python) returns it here."""
         return None
 
-    async def map_all(self, fn: Callable[..., Any], items: list[Any], chunksize: int | None) -> list[Any]:
+    async def map_all(
+        self, fn: Callable[..., Any], items: list[Any], chunksize: int | None
+    ) -> list[Any]:
         """``fn`` over ``items`` as the system's own map does it, results in input order."""
         raise NotImplementedError
 
@@ -694,7 +696,8 @@ class PythonFloor(System):
                 bufsize=0,
                 close_fds=True,
             )
-            assert proc.stdin is not None and proc.stdout is not None
+            assert proc.stdin is not None
+            assert proc.stdout is not None
             self.procs.append(proc)
             self.links.append(_PickleLink(loop, proc.stdout.fileno(), proc.stdin.fileno()))
 
@@ -875,10 +878,7 @@ class AnyioToProcessTrio(AnyioToProcess):
 
 class InterpreterPool(System):
     name = "InterpreterPoolExecutor"
-    doc = (
-        "concurrent.futures.InterpreterPoolExecutor(max_workers=2) + loop.run_in_executor"
-        " (3.14+)"
-    )
+    doc = "concurrent.futures.InterpreterPoolExecutor(max_workers=2) + loop.run_in_executor (3.14+)"
     import_name = "concurrent.futures.interpreter"
     map_chunksizes = (None,)
 
