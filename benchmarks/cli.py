@@ -246,7 +246,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.merge:
-        return merge_runs(args.merge, args.chart)
+        return merge_runs(args.merge, args.chart, args.systems, args.scenarios)
     if args.list:
         for name, cls in SYSTEMS.items():
             print(f"{name:28} {cls.doc}")
@@ -501,8 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if interrupted else 0
 
 
-def merge_runs(paths: list[str], chart_path: str | None) -> int:
-    """Tables (and a chart) of several saved runs, e.g. Python 3.13 and 3.14, side by side."""
+def merge_runs(
+    paths: list[str], chart_path: str | None, systems: str | None, scenarios: str | None
+) -> int:
+    """Tables (and a chart) of several saved runs, e.g. Python 3.13 and 3.14, side by side;
+    ``systems`` and ``scenarios`` (comma-separated) keep only those rows and sections."""
     runs = []
     for path in paths:
         with open(path) as f:
@@ -512,6 +515,20 @@ def merge_runs(paths: list[str], chart_path: str | None) -> int:
     merged = report.merge_summaries(
         [(python, report.summarise(doc["raw"], doc["imports"], CONTENDED)) for python, doc in runs]
     )
+    keep = {x.strip() for x in systems.split(",")} if systems else None
+    sections = {x.strip() for x in scenarios.split(",")} if scenarios else None
+    for name in list(merged):
+        if name != "targets" and sections is not None and name not in sections:
+            del merged[name]
+        elif name != "targets" and keep is not None and name != "import":
+            rows = merged[name]["rows"]
+            merged[name]["rows"] = {k: v for k, v in rows.items() if report.base(k) in keep}
+    merged["targets"] = [
+        t
+        for t in merged["targets"]
+        if (sections is None or t["scenario"] in sections)
+        and (keep is None or report.base(t["system"]) in keep or t["scenario"] == "import")
+    ]
     pythons = ", ".join(
         f"{python} ({doc['meta']['date'][:16]}, repeat={doc['meta']['repeat']})"
         for python, doc in runs
