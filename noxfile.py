@@ -128,10 +128,12 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
-    """ruff: lint and format check."""
+    """ruff (lint and format check), and the layering contract (import-linter)."""
     install_group(session, "lint")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.install("-e", ".")  # import-linter reads the installed package's imports
+    session.run("lint-imports")
 
 
 @nox.session(python="3.11")

@@ -13,6 +13,10 @@ import time
 from typing import Any
 
 
+def noop() -> None:
+    """Nothing: the per-call cost is all round trip."""
+
+
 def echo(x: Any) -> Any:
     """Return the argument unchanged: the trivial task for latency and throughput."""
     return x

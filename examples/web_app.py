@@ -5,6 +5,15 @@ Run it (on 127.0.0.1 only)::
     pip install 'offload[web,jwt,zstd]'
     python examples/web_app.py --port 8000
 
+On trio, with hypercorn's trio worker (``pip install hypercorn trio``; from the checkout's
+root)::
+
+    hypercorn --worker-class trio --bind 127.0.0.1:8000 'examples/web_app.py:create_app()'
+
+The app is the same: offload, Starlette and the lifespan run on either loop. SIGTERM (or
+Ctrl-C) drains: requests in flight finish (within hypercorn's ``--graceful-timeout``, 3 s by
+default; uvicorn waits for them), then the lifespan stops the workers.
+
 Then::
 
     curl -s localhost:8000/health

@@ -290,8 +290,7 @@ def report_steps(steps: int, pause: float) -> int:
 def numbers(count: int, marker: str | None = None) -> Any:
     """A generator: yields 0..count-1; notes in ``marker`` that its finally ran."""
     try:
-        for n in range(count):
-            yield n
+        yield from range(count)
     finally:
         if marker is not None:
             with open(marker, "a") as out:
@@ -317,8 +316,7 @@ def steps_task(data: dict[str, Any]) -> int:
 
 
 def big_chunks(count: int, size: int) -> Any:
-    for n in range(count):
-        yield bytes([n]) * size
+    yield from (bytes([n]) * size for n in range(count))
 
 
 def square(x: int) -> int:
@@ -335,3 +333,23 @@ def spin_or_die(seconds: float) -> float:
     if seconds < 0:
         os._exit(9)
     return spin(seconds)
+
+
+class SlowToLoad:
+    """An argument whose unpickling waits until a line arrives on a FIFO (a slow import)."""
+
+    def __init__(self, gate: str) -> None:
+        self.gate = gate
+
+    def __getstate__(self) -> dict[str, str]:
+        return {"gate": self.gate}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.gate = state["gate"]
+        with open(self.gate) as gate:
+            gate.readline()
+
+
+def mark(marker: str, _slow: SlowToLoad) -> None:
+    with open(marker, "w") as out:
+        out.write("ran")

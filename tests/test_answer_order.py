@@ -66,7 +66,7 @@ async def test_the_reported_input_gets_no_error(
         async with limit:
             try:
                 assert await wm.run(tasks.echo, i) == i
-            except BaseException as exc:  # noqa: BLE001 - every failure counts
+            except BaseException as exc:
                 errors.append(exc)
             await anyio.to_thread.run_sync(inserts.insert, i)
 
@@ -80,8 +80,9 @@ async def test_the_reported_input_gets_no_error(
     assert wm.stats().crashed == 0
 
 
-async def _quick_then_insert(wm: WorkerManager, value: int, priority: str,
-                             inserts: _Inserts) -> int:
+async def _quick_then_insert(
+    wm: WorkerManager, value: int, priority: str, inserts: _Inserts
+) -> int:
     result = await wm.run(tasks.echo, value, priority=priority)
     await anyio.to_thread.run_sync(inserts.insert, value)
     return result
@@ -98,7 +99,10 @@ class Interleavings(RuleBasedStateMachine):
         self._portal_cm = start_blocking_portal(self.backend)
         self.portal: BlockingPortal = self._portal_cm.__enter__()
         self.wm = WorkerManager(
-            workers=2, max_tasks_per_worker=7, spare_workers=1, shutdown_grace=10,
+            workers=2,
+            max_tasks_per_worker=7,
+            spare_workers=1,
+            shutdown_grace=10,
             health_interval=None,
         )
         self.portal.call(self.wm.start)
@@ -126,8 +130,9 @@ class Interleavings(RuleBasedStateMachine):
     @rule(count=st.integers(1, 40), priority=PRIORITIES)
     def burst(self, count: int, priority: str) -> None:
         for i in range(count):
-            self._start("quick", i, functools.partial(self.wm.run, tasks.echo, i,
-                                                       priority=priority))
+            self._start(
+                "quick", i, functools.partial(self.wm.run, tasks.echo, i, priority=priority)
+            )
 
     @rule(seconds=st.sampled_from([0.02, 0.1, 0.3]))
     def slow(self, seconds: float) -> None:
@@ -159,7 +164,7 @@ class Interleavings(RuleBasedStateMachine):
         for _, _, future in self.calls[-5:]:
             try:
                 future.result(timeout=30)
-            except BaseException:  # noqa: BLE001 - judged in check_outcomes
+            except BaseException:
                 pass
 
     @invariant()
@@ -186,7 +191,7 @@ class Interleavings(RuleBasedStateMachine):
                 result = future.result(timeout=60)
             except offload.ManagerClosed:
                 raise AssertionError(f"call {index} ({kind}) was shut down") from None
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 outcome: Any = exc
             else:
                 outcome = result
@@ -202,8 +207,9 @@ class Interleavings(RuleBasedStateMachine):
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_every_answer_reaches_its_own_caller(tmp_path: Path, backend: str) -> None:
-    machine = type(f"Interleavings_{backend}", (Interleavings,),
-                   {"backend": backend, "folder": tmp_path})
+    machine = type(
+        f"Interleavings_{backend}", (Interleavings,), {"backend": backend, "folder": tmp_path}
+    )
     runner = machine.TestCase()
     runner.settings = settings(
         max_examples=8,

@@ -1,10 +1,13 @@
-"""offload.asgi on real servers: lifespan, current_manager(), errors as HTTP, uvloop."""
+"""offload.asgi on real servers: lifespan, current_manager(), errors as HTTP, trio, uvloop.
+
+Every test that should work on both event loops runs on both (``anyio_backend``): on asyncio
+the app is served by uvicorn, on trio by hypercorn's trio worker (tests/asgi_serving.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import subprocess
 import sys
 import warnings
@@ -13,10 +16,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import httpx
 import psutil
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -25,9 +29,11 @@ from starlette.routing import Route
 
 import offload
 import tasks
+from asgi_serving import serving
 from conftest import release
 from offload import ManagerClosed, OffloadError, WorkerManager
 from offload._context import NoCurrentManager, current_manager, use_manager
+from offload._runtime import current_runtime
 from offload.asgi import (
     STATUS_BY_CODE,
     OffloadMiddleware,
@@ -36,34 +42,21 @@ from offload.asgi import (
     lifespan,
 )
 
+pytestmark = pytest.mark.anyio
+
 SECRET = "sk_live_9f8e7d6c5b4a-hunter2"
 
 
-@asynccontextmanager
-async def serving(app: Any) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn in this event loop on a free 127.0.0.1 port.
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
-    The socket is bound and listening before uvicorn starts, so a request made at once waits
-    in the backlog until the lifespan has started: no polling for readiness.
-    """
-    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and
-    # without it every keep-alive response waits ~40 ms for a delayed ACK (Nagle).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, lifespan="on", log_config=None, log_level="warning", ws="none", http="h11"
-    )
-    server = uvicorn.Server(config)
-    serve = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        async with asyncio.timeout(15):
-            await serve
-        sock.close()
+
+def loop_name() -> str:
+    """The running loop: ``"trio"``, or the module of the asyncio loop's class."""
+    if current_runtime().name == "trio":
+        return "trio"
+    return type(asyncio.get_running_loop()).__module__
 
 
 def info_app(**options: Any) -> Starlette:
@@ -86,7 +79,7 @@ def info_app(**options: Any) -> Starlette:
                 "pids": wm.worker_pids(),
                 "ready": wm.stats().workers,
                 "greeting": getattr(request.state, "greeting", None),
-                "loop": type(asyncio.get_running_loop()).__module__,
+                "loop": loop_name(),
             }
         )
 
@@ -96,11 +89,11 @@ def info_app(**options: Any) -> Starlette:
 # -- lifespan -------------------------------------------------------------------------------
 
 
-@pytest.mark.asyncio
-async def test_lifespan_under_uvicorn_state_and_current_manager() -> None:
+async def test_lifespan_on_a_server_state_and_current_manager(anyio_backend: str) -> None:
     app = info_app(lifespan=lifespan(workers=2, shutdown_grace=5))
     async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
         body = (await client.get("/info")).json()
+        assert body["loop"] == ("trio" if anyio_backend == "trio" else "asyncio.unix_events")
         assert body["same"] is True  # current_manager() in a request task is request.state.workers
         assert body["ready"] == 2  # startup waited for both workers
         assert body["pid"] in body["pids"]
@@ -109,7 +102,6 @@ async def test_lifespan_under_uvicorn_state_and_current_manager() -> None:
     assert not any(psutil.pid_exists(pid) for pid in pids)  # stopped with the server
 
 
-@pytest.mark.asyncio
 async def test_lifespan_composes_with_the_apps_lifespan() -> None:
     events: list[str] = []
 
@@ -128,7 +120,6 @@ async def test_lifespan_composes_with_the_apps_lifespan() -> None:
     assert events == ["app startup 2", "app shutdown 4"]
 
 
-@pytest.mark.asyncio
 async def test_lifespan_with_an_app_lifespan_yielding_nothing() -> None:
     @asynccontextmanager
     async def app_lifespan(app: object) -> AsyncIterator[None]:
@@ -139,7 +130,6 @@ async def test_lifespan_with_an_app_lifespan_yielding_nothing() -> None:
         assert await state["workers"].run(tasks.add, 1, 2) == 3
 
 
-@pytest.mark.asyncio
 async def test_lifespan_refuses_a_clashing_state_key() -> None:
     @asynccontextmanager
     async def app_lifespan(app: object) -> AsyncIterator[dict[str, Any]]:
@@ -158,58 +148,72 @@ def test_lifespan_checks_options_when_created() -> None:
 
 
 class AppLifetime:
-    """Runs a lifespan in a task of its own, as a server does; ``stop()`` begins the shutdown."""
+    """Runs a lifespan in a task of its own, as a server does; ``stop()`` begins the shutdown.
+
+    ``await tg.start(lifetime.run)`` returns the manager once the startup is done.
+    """
 
     def __init__(self, make: Callable[[object], Any]) -> None:
         self._make = make
-        self._started: asyncio.Future[WorkerManager] = asyncio.get_running_loop().create_future()
-        self._stop = asyncio.Event()
-        self.task = asyncio.create_task(self._run())
+        self._stop = anyio.Event()
+        self.done = anyio.Event()
 
-    async def _run(self) -> None:
-        async with self._make(object()) as state:
-            self._started.set_result(state["workers"])
-            await self._stop.wait()
-
-    async def started(self) -> WorkerManager:
-        async with asyncio.timeout(30):
-            return await self._started
+    async def run(self, *, task_status: anyio.abc.TaskStatus[WorkerManager]) -> None:
+        try:
+            async with self._make(object()) as state:
+                task_status.started(state["workers"])
+                await self._stop.wait()
+        finally:
+            self.done.set()
 
     def stop(self) -> None:
         self._stop.set()
 
 
-@pytest.mark.asyncio
 async def test_lifespan_shutdown_drains_within_grace(fifo: Path) -> None:
+    outcome: list[str] = []
     lifetime = AppLifetime(lifespan(workers=1, shutdown_grace=10))
-    wm = await lifetime.started()
-    running = asyncio.create_task(wm.run(tasks.wait_for_fifo, str(fifo)))
-    await asyncio.sleep(0)  # sent to the worker
-    lifetime.stop()
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    assert wm.closed  # draining: takes no more work, waits for the running task
-    assert not lifetime.task.done()
-    await asyncio.to_thread(release, fifo)
-    assert await running == "go"
-    await lifetime.task
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            wm = await tg.start(lifetime.run)
+
+            async def running() -> None:
+                outcome.append(await wm.run(tasks.wait_for_fifo, str(fifo)))
+
+            tg.start_soon(running)
+            await anyio.wait_all_tasks_blocked()  # sent to the worker, which waits on the FIFO
+            lifetime.stop()
+            await anyio.wait_all_tasks_blocked()  # the lifespan's shutdown waits for the task
+            assert wm.closed  # draining: takes no more work, waits for the running task
+            assert not lifetime.done.is_set()
+            with pytest.raises(ManagerClosed):
+                await wm.run(tasks.add, 1, 1)
+            await anyio.to_thread.run_sync(release, fifo)
+    assert outcome == ["go"]
+    assert lifetime.done.is_set()
     assert wm.worker_pids() == []
 
 
-@pytest.mark.asyncio
 async def test_lifespan_shutdown_grace_passes_through(fifo: Path) -> None:
+    errors: list[BaseException] = []
     lifetime = AppLifetime(lifespan(workers=1, shutdown_grace=0.2))
-    wm = await lifetime.started()
-    running = asyncio.create_task(wm.run(tasks.wait_for_fifo, str(fifo)))
-    await asyncio.sleep(0)
-    lifetime.stop()  # the task never finishes: it is stopped after 0.2 s
-    async with asyncio.timeout(10):
-        await lifetime.task
-    with pytest.raises(ManagerClosed):
-        await running
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            wm = await tg.start(lifetime.run)
+
+            async def running() -> None:
+                try:
+                    await wm.run(tasks.wait_for_fifo, str(fifo))
+                except ManagerClosed as exc:
+                    errors.append(exc)
+
+            tg.start_soon(running)
+            await anyio.wait_all_tasks_blocked()
+            lifetime.stop()  # the task never finishes: it is stopped after 0.2 s
+    assert len(errors) == 1
+    assert lifetime.done.is_set()
 
 
-@pytest.mark.asyncio
 async def test_each_start_gets_a_fresh_manager() -> None:
     make = lifespan(workers=1)
     async with make(object()) as first:
@@ -227,11 +231,13 @@ def starlette_test_client() -> Any:
     return TestClient
 
 
-def test_starlette_test_client_runs_the_lifespan() -> None:
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_starlette_test_client_runs_the_lifespan(backend: str) -> None:
     app = info_app(lifespan=lifespan(workers=1, shutdown_grace=5))
-    with starlette_test_client()(app) as client:
+    with starlette_test_client()(app, backend=backend) as client:
         body = client.get("/info").json()
     assert body["same"] is True
+    assert body["loop"] == ("trio" if backend == "trio" else "asyncio.unix_events")
     assert not any(psutil.pid_exists(pid) for pid in body["pids"])
 
 
@@ -251,18 +257,22 @@ def test_current_manager_without_one_says_what_to_do() -> None:
         current_manager()
 
 
-@pytest.mark.asyncio
-async def test_use_manager_sets_and_restores() -> None:
+async def test_use_manager_sets_and_restores(anyio_backend: str) -> None:
     async with WorkerManager(workers=1) as wm:
         with use_manager(wm):
             assert current_manager() is wm
-            other_task = asyncio.create_task(asyncio.to_thread(current_manager))
-            assert await other_task is wm  # the context is copied into threads and tasks
+            seen: list[WorkerManager] = []
+
+            async def other_task() -> None:
+                seen.append(await anyio.to_thread.run_sync(current_manager))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(other_task)
+            assert seen == [wm]  # the context is copied into threads and tasks
         with pytest.raises(NoCurrentManager):
             current_manager()
 
 
-@pytest.mark.asyncio
 async def test_two_apps_on_one_loop_need_the_middleware() -> None:
     plain = [info_app(lifespan=lifespan(workers=1)) for _ in range(2)]
     async with serving(plain[0]) as url1, serving(plain[1]) as url2, httpx.AsyncClient() as client:
@@ -301,6 +311,8 @@ def raising_app() -> Starlette:
 
 
 def _every_error() -> list[type[OffloadError]]:
+    import offload.jobs  # noqa: F401  (its store errors are OffloadErrors too)
+
     found, todo = [], list(OffloadError.__subclasses__())
     while todo:
         cls = todo.pop()
@@ -310,6 +322,14 @@ def _every_error() -> list[type[OffloadError]]:
 
 
 EXPECTED = {
+    "STORE_ERROR": 500,
+    "STORE_LOCKED": 503,
+    "STORE_UNAVAILABLE": 503,
+    "STORE_FULL": 507,
+    "STORE_CORRUPT": 500,
+    "SCHEMA_TOO_NEW": 500,
+    "JOB_NOT_FOUND": 404,
+    "LEASE_EXPIRED": 500,
     "QUEUE_FULL": 503,
     "WOULD_TIME_OUT": 503,
     "SHUTDOWN": 503,
@@ -333,7 +353,6 @@ EXPECTED = {
 }
 
 
-@pytest.mark.asyncio
 async def test_every_error_code_maps_to_a_status_without_leaking(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -359,12 +378,11 @@ async def test_every_error_code_maps_to_a_status_without_leaking(
                 assert "Retry-After" not in response.headers
     # 500s are logged on the server, with the detail that the client never sees.
     logged = [r for r in caplog.records if r.name == "offload.asgi"]
-    assert len(logged) == sum(1 for status in EXPECTED.values() if status == 500)
+    assert len(logged) == sum(1 for status in EXPECTED.values() if status in (500, 507))
     assert all(r.levelno == logging.ERROR and r.exc_info for r in logged)
     assert STATUS_BY_CODE["QUEUE_FULL"] == 503
 
 
-@pytest.mark.asyncio
 async def test_other_exceptions_are_not_handled_here() -> None:
     transport = httpx.ASGITransport(app=raising_app(), raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
@@ -373,7 +391,6 @@ async def test_other_exceptions_are_not_handled_here() -> None:
     assert SECRET not in response.text
 
 
-@pytest.mark.asyncio
 async def test_the_handler_on_a_non_offload_error_is_generic() -> None:
     request = Request({"type": "http", "method": "GET", "path": "/x", "headers": []})
     response = await handle_offload_error(request, KeyError(SECRET))
@@ -410,7 +427,6 @@ def test_import_offload_does_not_import_starlette() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-@pytest.mark.asyncio
 async def test_fastapi_app() -> None:
     pytest.importorskip("fastapi")
     from fastapi import Depends, FastAPI

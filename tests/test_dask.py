@@ -246,7 +246,7 @@ async def test_timeout_while_running_is_on_time_but_dask_finishes_the_call(
         assert "running" in str(info.value)
         assert await wm.run(tasks.add, 1, 1) == 2
         deadline = time.perf_counter() + 20
-        while not marker.exists() and time.perf_counter() < deadline:  # noqa: ASYNC110
+        while not marker.exists() and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
     assert marker.exists()
 
@@ -359,7 +359,7 @@ async def test_worker_death_on_a_local_cluster() -> None:
         assert await asyncio.gather(*others) == [0.05] * 4
         assert await wm.run(tasks.add, 1, 1) == 2
         deadline = time.perf_counter() + 20
-        while len(wm.worker_pids()) < 2 and time.perf_counter() < deadline:  # noqa: ASYNC110
+        while len(wm.worker_pids()) < 2 and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
         now = set(wm.worker_pids())
         assert len(now) == 2

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import offload
-from offload import Priority, QueueFull, Retry, TaskTimeout, WorkerCrashed, WorkerManager
+from offload import Priority, QueueFull, Retry, TaskTimeout, WorkerManager
 from offload._backend import BackendStats, Outcome, OutcomeKind, OutcomeSink, Ticket
 from offload._offload_worker import protocol
 
@@ -77,8 +77,13 @@ class FakeBackend:
             self._report(ticket, Outcome(OutcomeKind.RETURNED))
 
     def statistics(self) -> BackendStats:
-        return BackendStats("fake", workers=self.capacity, holding=len(self.held),
-                            min_workers=self.capacity, max_workers=self.capacity)
+        return BackendStats(
+            "fake",
+            workers=self.capacity,
+            holding=len(self.held),
+            min_workers=self.capacity,
+            max_workers=self.capacity,
+        )
 
     def worker_statistics(self) -> list[Any]:
         return []
@@ -133,15 +138,14 @@ def other(value: Any) -> Any:
 
 async def test_a_deadline_while_queued_is_exact_in_virtual_time() -> None:
     kind = FakeKind(capacity=1)
-    async with WorkerManager(kind=kind) as wm:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(wm.run, fn, "first")  # held
-            await anyio.wait_all_tasks_blocked()
-            started = anyio.current_time()
-            with pytest.raises(TaskTimeout, match="waiting in the queue"):
-                await wm.run(fn, "late", timeout=2.5)
-            assert anyio.current_time() - started == pytest.approx(2.5)
-            kind.backend.finish("first")
+    async with WorkerManager(kind=kind) as wm, anyio.create_task_group() as tg:
+        tg.start_soon(wm.run, fn, "first")  # held
+        await anyio.wait_all_tasks_blocked()
+        started = anyio.current_time()
+        with pytest.raises(TaskTimeout, match="waiting in the queue"):
+            await wm.run(fn, "late", timeout=2.5)
+        assert anyio.current_time() - started == pytest.approx(2.5)
+        kind.backend.finish("first")
 
 
 async def test_a_deadline_while_held_stops_the_work() -> None:
@@ -160,8 +164,14 @@ async def test_strict_priority_and_fifo_within_a_priority() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: wm.run(fn, 0, task_id="blocker"))
             await anyio.wait_all_tasks_blocked()
-            for name, priority in [("l1", "low"), ("n1", "normal"), ("h1", "high"),
-                                   ("n2", "normal"), ("h2", "high"), ("l2", "low")]:
+            for name, priority in [
+                ("l1", "low"),
+                ("n1", "normal"),
+                ("h1", "high"),
+                ("n2", "normal"),
+                ("h2", "high"),
+                ("l2", "low"),
+            ]:
                 tg.start_soon(lambda n=name, p=priority: wm.run(fn, n, priority=p, task_id=n))
                 await anyio.wait_all_tasks_blocked()
             for _ in range(7):
@@ -201,64 +211,61 @@ async def test_fair_share_lets_a_cheap_flow_through_a_burst() -> None:
 
 async def test_would_time_out_refuses_at_once_with_a_retry_after() -> None:
     kind = FakeKind(capacity=1)
-    async with WorkerManager(kind=kind) as wm:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(wm.run, fn, 0)
-            await anyio.wait_all_tasks_blocked()
-            kind.backend.finish(0, seconds=1.0)  # fn takes 1 s
-            for i in range(5):  # 1 held + 4 queued: ~5 s of work ahead
-                tg.start_soon(wm.run, fn, i)
-            await anyio.wait_all_tasks_blocked()
-            started = anyio.current_time()
-            with pytest.raises(offload.WouldTimeOut) as info:
-                await wm.run(fn, "x", timeout=2.0)
-            assert anyio.current_time() == started  # at once: nothing reserved
-            assert info.value.code == "WOULD_TIME_OUT"
-            assert isinstance(info.value, QueueFull)
-            assert info.value.retry_after >= 4
-            assert wm.stats().rejected == 1
-            # a deadline that leaves room is accepted
-            tg.start_soon(lambda: wm.run(fn, "ok", timeout=100.0))
-            await anyio.wait_all_tasks_blocked()
-            for _ in range(6):
-                await anyio.sleep(0.01)
-                kind.backend.finish(seconds=1.0)
+    async with WorkerManager(kind=kind) as wm, anyio.create_task_group() as tg:
+        tg.start_soon(wm.run, fn, 0)
+        await anyio.wait_all_tasks_blocked()
+        kind.backend.finish(0, seconds=1.0)  # fn takes 1 s
+        for i in range(5):  # 1 held + 4 queued: ~5 s of work ahead
+            tg.start_soon(wm.run, fn, i)
+        await anyio.wait_all_tasks_blocked()
+        started = anyio.current_time()
+        with pytest.raises(offload.WouldTimeOut) as info:
+            await wm.run(fn, "x", timeout=2.0)
+        assert anyio.current_time() == started  # at once: nothing reserved
+        assert info.value.code == "WOULD_TIME_OUT"
+        assert isinstance(info.value, QueueFull)
+        assert info.value.retry_after >= 4
+        assert wm.stats().rejected == 1
+        # a deadline that leaves room is accepted
+        tg.start_soon(lambda: wm.run(fn, "ok", timeout=100.0))
+        await anyio.wait_all_tasks_blocked()
+        for _ in range(6):
+            await anyio.sleep(0.01)
+            kind.backend.finish(seconds=1.0)
 
 
 async def test_max_wait_refuses_and_drops_without_a_deadline() -> None:
     kind = FakeKind(capacity=1)
-    async with WorkerManager(kind=kind) as wm:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(wm.run, fn, 0)
-            await anyio.wait_all_tasks_blocked()
-            kind.backend.finish(0, seconds=1.0)
-            tg.start_soon(wm.run, fn, "held")
-            await anyio.wait_all_tasks_blocked()
-            with pytest.raises(offload.WouldTimeOut, match="max_wait"):
-                await wm.run(fn, "x", max_wait=0.5)
-            # no history for `other`: accepted (the count is the only bound), then dropped
-            started = anyio.current_time()
-            with pytest.raises(TaskTimeout, match="did not start within its max_wait"):
-                await wm.run(other, "y", max_wait=0.5)
-            assert anyio.current_time() - started == pytest.approx(0.5)
-            kind.backend.finish()
+    async with WorkerManager(kind=kind) as wm, anyio.create_task_group() as tg:
+        tg.start_soon(wm.run, fn, 0)
+        await anyio.wait_all_tasks_blocked()
+        kind.backend.finish(0, seconds=1.0)
+        tg.start_soon(wm.run, fn, "held")
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(offload.WouldTimeOut, match="max_wait"):
+            await wm.run(fn, "x", max_wait=0.5)
+        # no history for `other`: accepted (the count is the only bound), then dropped
+        started = anyio.current_time()
+        with pytest.raises(TaskTimeout, match="did not start within its max_wait"):
+            await wm.run(other, "y", max_wait=0.5)
+        assert anyio.current_time() - started == pytest.approx(0.5)
+        kind.backend.finish()
 
 
 async def test_a_queued_task_that_can_no_longer_start_in_time_is_dropped_early() -> None:
     kind = FakeKind(capacity=1)
-    async with WorkerManager(kind=kind) as wm:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(wm.run, fn, 0)
-            await anyio.wait_all_tasks_blocked()
-            kind.backend.finish(0, seconds=2.0)  # fn takes 2 s
-            tg.start_soon(wm.run, other, "held")
-            await anyio.wait_all_tasks_blocked()
-            started = anyio.current_time()
-            with pytest.raises(TaskTimeout, match="could not start in time"):
-                await wm.run(fn, "x", timeout=3.0)  # must start by t+1 s to finish by t+3 s
-            assert anyio.current_time() - started == pytest.approx(1.0)
-            assert not any(t.name == "fn" for t in kind.backend.held)  # it never started
-            kind.backend.finish()
+    async with WorkerManager(kind=kind) as wm, anyio.create_task_group() as tg:
+        tg.start_soon(wm.run, fn, 0)
+        await anyio.wait_all_tasks_blocked()
+        kind.backend.finish(0, seconds=2.0)  # fn takes 2 s
+        tg.start_soon(wm.run, other, "held")
+        await anyio.wait_all_tasks_blocked()
+        started = anyio.current_time()
+        with pytest.raises(TaskTimeout, match="could not start in time"):
+            await wm.run(fn, "x", timeout=3.0)  # must start by t+1 s to finish by t+3 s
+        assert anyio.current_time() - started == pytest.approx(1.0)
+        assert not any(t.name == "fn" for t in kind.backend.held)  # it never started
+        kind.backend.finish()
 
 
 async def test_a_returned_task_keeps_its_place() -> None:
@@ -304,22 +311,22 @@ async def test_retries_back_off_in_virtual_time() -> None:
 
 async def test_the_count_bound_applies_without_history() -> None:
     kind = FakeKind(capacity=1)
-    async with WorkerManager(kind=kind, max_queue=2) as wm:
-        async with anyio.create_task_group() as tg:
-            for i in range(3):  # 1 held, 2 queued
-                tg.start_soon(wm.run, fn, i)
-            await anyio.wait_all_tasks_blocked()
-            with pytest.raises(QueueFull):
-                await wm.run(fn, "one too many", timeout=1000)
-            for _ in range(3):
-                await anyio.sleep(0.01)
-                kind.backend.finish()
+    async with WorkerManager(kind=kind, max_queue=2) as wm, anyio.create_task_group() as tg:
+        for i in range(3):  # 1 held, 2 queued
+            tg.start_soon(wm.run, fn, i)
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(QueueFull):
+            await wm.run(fn, "one too many", timeout=1000)
+        for _ in range(3):
+            await anyio.sleep(0.01)
+            kind.backend.finish()
 
 
 OPS = st.lists(
     st.one_of(
-        st.tuples(st.just("submit"), st.sampled_from(list(Priority)),
-                  st.sampled_from([None, 0.5, 5.0])),
+        st.tuples(
+            st.just("submit"), st.sampled_from(list(Priority)), st.sampled_from([None, 0.5, 5.0])
+        ),
         st.tuples(st.just("finish"), st.integers(0, 3)),
         st.tuples(st.just("crash"), st.integers(0, 3)),
         st.tuples(st.just("give_back"), st.integers(0, 3)),

@@ -10,12 +10,40 @@ import sys
 import offload
 
 EXPECTED = {
-    "__version__", "builtins", "tasks", "DecryptFailed", "InvalidInput", "InvalidTask",
-    "MainGuardMissing", "ManagerClosed", "NoCurrentManager", "NotSerializable", "NotStarted",
-    "OffloadError", "OutputTooLarge", "PayloadTooLarge", "PoisonTask", "Priority", "Progress",
-    "QueueFull", "Retry", "Stats", "Task", "TaskFailed", "TaskRecord", "TaskTimeout",
-    "UnknownTask", "UnsupportedKind", "WorkerCrashed", "WorkerInfo", "WorkerManager",
-    "WorkerStartFailed", "WouldTimeOut", "current_manager", "report_progress", "task",
+    "__version__",
+    "builtins",
+    "tasks",
+    "DecryptFailed",
+    "InvalidInput",
+    "InvalidTask",
+    "MainGuardMissing",
+    "ManagerClosed",
+    "NoCurrentManager",
+    "NotSerializable",
+    "NotStarted",
+    "OffloadError",
+    "OutputTooLarge",
+    "PayloadTooLarge",
+    "PoisonTask",
+    "Priority",
+    "Progress",
+    "QueueFull",
+    "Retry",
+    "Stats",
+    "Task",
+    "TaskFailed",
+    "TaskRecord",
+    "TaskTimeout",
+    "UnknownTask",
+    "UnsupportedKind",
+    "WorkerCrashed",
+    "WorkerInfo",
+    "WorkerManager",
+    "WorkerStartFailed",
+    "WouldTimeOut",
+    "current_manager",
+    "report_progress",
+    "task",
     "use_manager",
 }
 
@@ -34,9 +62,11 @@ def test_public_classes_belong_to_offload() -> None:
 
 
 def test_every_error_is_an_offload_error_with_a_code() -> None:
-    errors = [getattr(offload, n) for n in offload.__all__
-              if isinstance(getattr(offload, n), type)
-              and issubclass(getattr(offload, n), BaseException)]
+    errors = [
+        getattr(offload, n)
+        for n in offload.__all__
+        if isinstance(getattr(offload, n), type) and issubclass(getattr(offload, n), BaseException)
+    ]
     codes = set()
     for error in errors:
         assert issubclass(error, offload.OffloadError), error
@@ -50,7 +80,9 @@ def test_version_is_the_installed_distributions() -> None:
 
 
 def test_import_offload_stays_light() -> None:
-    code = "import sys, offload; print(sorted(m for m in ('asyncio', 'trio', 'anyio', " \
-           "'offload._manager', 'offload.tasks') if m in sys.modules))"
+    code = (
+        "import sys, offload; print(sorted(m for m in ('asyncio', 'trio', 'anyio', "
+        "'offload._manager', 'offload.tasks') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

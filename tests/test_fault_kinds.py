@@ -58,9 +58,7 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("stop", ["timeout", "cancel", "shutdown"])
-async def test_a1_stopping_a_task_stops_the_processes_it_started(
-    tmp_path: Path, stop: str
-) -> None:
+async def test_a1_stopping_a_task_stops_the_processes_it_started(tmp_path: Path, stop: str) -> None:
     pidfile = tmp_path / "helper.pid"
     async with manager(workers=1) as wm:
         if stop == "timeout":
@@ -87,17 +85,16 @@ async def _run_quietly(wm: WorkerManager, fn: Any, *args: Any) -> None:
 
 async def test_a1_a_crashed_worker_takes_its_helpers_along(tmp_path: Path) -> None:
     pidfile = tmp_path / "helper.pid"
-    async with manager(workers=1) as wm:
-        async with anyio.create_task_group() as tg:
+    async with manager(workers=1) as wm, anyio.create_task_group() as tg:
 
-            async def call() -> None:
-                with pytest.raises(WorkerCrashed):
-                    await wm.run(tasks.start_helper, 40, str(pidfile))
+        async def call() -> None:
+            with pytest.raises(WorkerCrashed):
+                await wm.run(tasks.start_helper, 40, str(pidfile))
 
-            tg.start_soon(call)
-            await until(pidfile.exists)
-            (pid,) = wm.worker_pids()
-            os.kill(pid, signal.SIGKILL)  # the worker dies from outside
+        tg.start_soon(call)
+        await until(pidfile.exists)
+        (pid,) = wm.worker_pids()
+        os.kill(pid, signal.SIGKILL)  # the worker dies from outside
     await until(lambda: _gone(int(pidfile.read_text())), 5.0)
 
 
@@ -129,7 +126,9 @@ def _python(script: Path, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
 
 def test_a3_workers_exit_with_their_parent_even_after_it_forked(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
-    script = _script(tmp_path, f"""
+    script = _script(
+        tmp_path,
+        f"""
         import os, signal, time, anyio, offload
 
         async def main():
@@ -144,7 +143,8 @@ def test_a3_workers_exit_with_their_parent_even_after_it_forked(tmp_path: Path) 
 
         if __name__ == "__main__":
             anyio.run(main)
-    """)
+    """,
+    )
     # (its output goes nowhere: the forked child would hold a pipe open for 30 s)
     app = _python(script, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     app.wait(30)
@@ -169,7 +169,9 @@ def test_a3_signals_to_the_group_belong_to_the_application(
     terminal do), and to each worker (as a cgroup-wide SIGTERM does): the application
     drains, the running task finishes, nothing crashes and no worker is respawned."""
     ready = tmp_path / "ready"
-    script = _script(tmp_path, f"""
+    script = _script(
+        tmp_path,
+        f"""
         import signal, sys, time, anyio, offload, tasks
 
         async def main():
@@ -188,7 +190,8 @@ def test_a3_signals_to_the_group_belong_to_the_application(
 
         if __name__ == "__main__":
             anyio.run(main)
-    """)
+    """,
+    )
     app = _python(script, start_new_session=True)  # its own group, like a service
     try:
         deadline = time.monotonic() + 30
@@ -215,7 +218,9 @@ _NAMES = ["encode", "execute", "release", "frame", "serve", "loads", "dumps", "b
 
 def test_b4_a_reference_to_main_resolves_in_the_callers_script(tmp_path: Path) -> None:
     defs = "\n".join(f"def {name}(s): return s.upper() + {name!r}" for name in _NAMES)
-    script = _script(tmp_path, f"""
+    script = _script(
+        tmp_path,
+        f"""
         import anyio, offload
 
 {textwrap.indent(defs, "        ")}
@@ -227,13 +232,16 @@ def test_b4_a_reference_to_main_resolves_in_the_callers_script(tmp_path: Path) -
 
         if __name__ == "__main__":
             anyio.run(main)
-    """)
+    """,
+    )
     out, err = _python(script).communicate(timeout=60)
     assert out.split() == [f"ABC{name}" for name in _NAMES], err
 
 
 def test_b5_a_script_without_the_main_guard_gets_a_clear_error(tmp_path: Path) -> None:
-    script = _script(tmp_path, """
+    script = _script(
+        tmp_path,
+        """
         import sys, anyio, offload
 
         def double(x):
@@ -247,7 +255,8 @@ def test_b5_a_script_without_the_main_guard_gets_a_clear_error(tmp_path: Path) -
                     print("error", exc.code, str(exc).replace("\\n", " "))
 
         anyio.run(main)  # no `if __name__ == "__main__":` guard
-    """)
+    """,
+    )
     out, err = _python(script).communicate(timeout=60)
     assert "error MAIN_GUARD_MISSING" in out, (out, err)
     assert 'if __name__ == "__main__":' in out
@@ -258,7 +267,7 @@ def test_b5_a_script_without_the_main_guard_gets_a_clear_error(tmp_path: Path) -
 
 async def test_d8_a_huge_exception_message_is_capped() -> None:
     async with manager(workers=1, max_payload=1 << 20) as wm:
-        with pytest.raises(ValueError, match="x{100}"):  # small enough: comes back as itself
+        with pytest.raises(ValueError, match=r"x{100}"):  # small enough: comes back as itself
             await wm.run(tasks.raise_huge, 100_000)
         with pytest.raises(TaskFailed) as info:
             await wm.run(tasks.raise_huge, 4_000_000)
@@ -336,7 +345,9 @@ def _interpreter_threads() -> list[str]:
 def test_e11_a_stuck_interpreter_does_not_keep_the_process_alive(tmp_path: Path) -> None:
     if sys.version_info < (3, 13):
         pytest.skip("interpreter workers need Python 3.13+")
-    script = _script(tmp_path, """
+    script = _script(
+        tmp_path,
+        """
         import anyio, offload, tasks
 
         async def main():
@@ -348,7 +359,8 @@ def test_e11_a_stuck_interpreter_does_not_keep_the_process_alive(tmp_path: Path)
 
         if __name__ == "__main__":
             anyio.run(main)
-    """)
+    """,
+    )
     started = time.monotonic()
     app = _python(script)
     out, err = app.communicate(timeout=30)
@@ -370,7 +382,9 @@ async def test_e12_one_big_argument_does_not_break_later_ones(size_mib: int) -> 
 def test_e13_worker_nice_is_relative_to_the_caller(
     tmp_path: Path, caller: int, relative: int, expected: int
 ) -> None:
-    script = _script(tmp_path, f"""
+    script = _script(
+        tmp_path,
+        f"""
         import os, anyio, offload, tasks
 
         async def main():
@@ -379,7 +393,8 @@ def test_e13_worker_nice_is_relative_to_the_caller(
 
         if __name__ == "__main__":
             anyio.run(main)
-    """)
+    """,
+    )
     app = _python(script, preexec_fn=lambda: os.nice(caller))
     out, err = app.communicate(timeout=60)
     assert out.split() == [str(caller), str(expected)], err
@@ -388,14 +403,31 @@ def test_e13_worker_nice_is_relative_to_the_caller(
 @pytest.mark.parametrize(
     ("option", "value"),
     [
-        ("shutdown_grace", -5), ("shutdown_grace", float("nan")), ("shutdown_grace", "1"),
-        ("worker_nice", 50), ("worker_nice", -1), ("worker_nice", 2.5),
-        ("workers", 0), ("workers", -1), ("workers", True), ("max_queue", -1),
-        ("start_timeout", 0), ("interrupt_grace", -1), ("health_timeout", 0),
-        ("health_interval", 0), ("max_worker_age", 0), ("max_tasks_per_worker", 0),
-        ("max_worker_memory", 0), ("worker_memory_limit", 100), ("max_payload", 0),
-        ("spare_workers", -1), ("poison_after", 0), ("default_timeout", 0),
-        ("max_wait", -1), ("inline_below", -0.5), ("scheduling", "lifo"),
+        ("shutdown_grace", -5),
+        ("shutdown_grace", float("nan")),
+        ("shutdown_grace", "1"),
+        ("worker_nice", 50),
+        ("worker_nice", -1),
+        ("worker_nice", 2.5),
+        ("workers", 0),
+        ("workers", -1),
+        ("workers", True),
+        ("max_queue", -1),
+        ("start_timeout", 0),
+        ("interrupt_grace", -1),
+        ("health_timeout", 0),
+        ("health_interval", 0),
+        ("max_worker_age", 0),
+        ("max_tasks_per_worker", 0),
+        ("max_worker_memory", 0),
+        ("worker_memory_limit", 100),
+        ("max_payload", 0),
+        ("spare_workers", -1),
+        ("poison_after", 0),
+        ("default_timeout", 0),
+        ("max_wait", -1),
+        ("inline_below", -0.5),
+        ("scheduling", "lifo"),
         ("server_processes", 0),
     ],
 )
@@ -406,8 +438,15 @@ def test_e14_out_of_range_options_are_refused_naming_the_range(option: str, valu
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("shutdown_grace", 0), ("worker_nice", 0), ("worker_nice", 19), ("max_queue", 0),
-     ("spare_workers", 0), ("health_interval", None), ("inline_below", 0)],
+    [
+        ("shutdown_grace", 0),
+        ("worker_nice", 0),
+        ("worker_nice", 19),
+        ("max_queue", 0),
+        ("spare_workers", 0),
+        ("health_interval", None),
+        ("inline_below", 0),
+    ],
 )
 def test_e14_the_edges_of_each_range_are_accepted(option: str, value: Any) -> None:
     WorkerManager(**{option: value})
@@ -418,18 +457,17 @@ def test_e14_the_edges_of_each_range_are_accepted(option: str, value: Any) -> No
 
 async def test_f15_a_lower_priority_task_never_starts_before_a_parked_one(tmp_path: Path) -> None:
     order: list[str] = []
-    async with manager(workers=2) as wm:
-        async with anyio.create_task_group() as tg:
+    async with manager(workers=2) as wm, anyio.create_task_group() as tg:
 
-            async def call(name: str, priority: str, seconds: float) -> None:
-                await wm.run(tasks.spin, seconds, priority=priority)
-                order.append(name)
+        async def call(name: str, priority: str, seconds: float) -> None:
+            await wm.run(tasks.spin, seconds, priority=priority)
+            order.append(name)
 
-            tg.start_soon(call, "A", "normal", 1.0)  # long, on the first worker
-            tg.start_soon(call, "D", "normal", 0.3)  # the second worker, busy a while
-            await until(lambda: wm.stats().running == 2)
-            tg.start_soon(call, "B", "normal", 0.01)
-            await until(lambda: wm.stats().queued == 1)
-            tg.start_soon(call, "C", "low", 0.01)
-            await until(lambda: wm.stats().queued == 2)
+        tg.start_soon(call, "A", "normal", 1.0)  # long, on the first worker
+        tg.start_soon(call, "D", "normal", 0.3)  # the second worker, busy a while
+        await until(lambda: wm.stats().running == 2)
+        tg.start_soon(call, "B", "normal", 0.01)
+        await until(lambda: wm.stats().queued == 1)
+        tg.start_soon(call, "C", "low", 0.01)
+        await until(lambda: wm.stats().queued == 2)
     assert order.index("B") < order.index("C")  # B starts first, whoever frees a worker

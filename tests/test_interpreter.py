@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import tasks
-from conftest import requires_interpreters
+from conftest import release, requires_interpreters
 from offload import (
     NotSerializable,
     TaskTimeout,
@@ -124,13 +124,16 @@ async def test_module_that_refuses_subinterpreters_gives_a_clear_error() -> None
             await wm.run(tasks.import_module, "zstandard")
 
 
-async def test_deadline_before_the_call_starts_skips_it(tmp_path: Path) -> None:
+async def test_deadline_while_the_call_loads_means_it_never_begins(
+    tmp_path: Path, fifo: Path
+) -> None:
     marker = tmp_path / "marker"
     async with manager(workers=1) as wm:
-        # The first call in a fresh interpreter imports the tests' modules: the deadline
-        # lands while it loads, and the call must then never begin.
+        # Its argument waits on a FIFO while it is unpickled: the deadline lands while the
+        # call loads, and once it has loaded the call must not begin.
         with pytest.raises(TaskTimeout):
-            await wm.run(tasks.sleep_then_mark, 0.0, str(marker), timeout=0.001)
+            await wm.run(tasks.mark, str(marker), tasks.SlowToLoad(str(fifo)), timeout=0.2)
+        await asyncio.to_thread(release, fifo)
         assert await wm.run(tasks.add, 1, 1) == 2
     assert not marker.exists()
 

@@ -230,7 +230,7 @@ async def test_crash_fails_only_its_task(crash: Any) -> None:
         assert ("exit code 3" if crash is tasks.exit_now else "SIGSEGV") in str(info.value)
         assert await asyncio.gather(*others) == [0.05] * 4
         assert await wm.run(tasks.add, 1, 1) == 2
-        while wm.stats().workers < 2:  # noqa: ASYNC110  (the replacement is starting)
+        while wm.stats().workers < 2:
             await asyncio.sleep(0.01)
         stats = wm.stats()
     assert stats.crashed == 1

@@ -30,7 +30,8 @@ async def test_metrics_follow_the_managers_counters() -> None:
     families = {f.name: f for f in text_string_to_metric_families(text)}
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for f in families.values() for s in f.samples
+        for f in families.values()
+        for s in f.samples
     }
     base = (("kind", "process"), ("manager", "api"))
     assert samples[("offload_tasks_submitted_total", base)] == 6
@@ -42,6 +43,7 @@ async def test_metrics_follow_the_managers_counters() -> None:
     assert families["offload_task_wait_seconds"].type == "histogram"
     done = [v for (name, _), v in samples.items() if name == "offload_worker_tasks_done_total"]
     assert sum(done) == 6
-    memory = [v for (name, _), v in samples.items()
-              if name == "offload_worker_resident_memory_bytes"]
+    memory = [
+        v for (name, _), v in samples.items() if name == "offload_worker_resident_memory_bytes"
+    ]
     assert memory and all(v > 0 for v in memory)

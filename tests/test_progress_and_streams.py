@@ -44,7 +44,9 @@ async def until(condition: Any, seconds: float = 10.0) -> None:
 async def test_progress_events_reach_a_sync_callback(kind: str) -> None:
     events: list[Progress] = []
     async with WorkerManager(workers=1, kind=kind) as wm:
-        result = await wm.run(tasks.report_steps, 5, 0.05, task_id="export", on_progress=events.append)
+        result = await wm.run(
+            tasks.report_steps, 5, 0.05, task_id="export", on_progress=events.append
+        )
     assert result == 5
     assert events, "no progress event arrived"
     assert all(isinstance(e, Progress) for e in events)
@@ -168,9 +170,8 @@ async def test_the_deadline_covers_the_whole_stream() -> None:
 
 
 async def test_big_items_come_through(tmp_path: Path) -> None:
-    async with WorkerManager(workers=1) as wm:
-        async with wm.stream(tasks.big_chunks, 4, 3 << 20) as items:
-            sizes = [len(item) async for item in items]
+    async with WorkerManager(workers=1) as wm, wm.stream(tasks.big_chunks, 4, 3 << 20) as items:
+        sizes = [len(item) async for item in items]
     assert sizes == [3 << 20] * 4
 
 
@@ -178,9 +179,7 @@ async def test_big_items_come_through(tmp_path: Path) -> None:
 
 
 async def test_an_idle_pool_shrinks_and_grows_back_under_load() -> None:
-    async with WorkerManager(
-        min_workers=1, max_workers=3, idle_timeout=0.3, spare_workers=0
-    ) as wm:
+    async with WorkerManager(min_workers=1, max_workers=3, idle_timeout=0.3, spare_workers=0) as wm:
         assert wm.stats().workers == 1
         assert (wm.stats().min_workers, wm.stats().max_workers) == (1, 3)
         # Load: three calls at once that meet only when all three run (a rendezvous), so
@@ -226,8 +225,12 @@ async def test_worker_statistics_describe_each_worker(kind: str) -> None:
             infos = wm.worker_statistics()
             busy = [w for w in infos if w.state == "busy"]
             assert len(busy) == 1
-            await until(lambda: wm.worker_statistics()[0].current_task_id is not None
-                        or wm.worker_statistics()[1].current_task_id is not None)
+            await until(
+                lambda: (
+                    wm.worker_statistics()[0].current_task_id is not None
+                    or wm.worker_statistics()[1].current_task_id is not None
+                )
+            )
             infos = wm.worker_statistics()
             current = [w for w in infos if w.current_task_id is not None]
             assert current[0].current_task_id == "long-one"

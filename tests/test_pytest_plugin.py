@@ -1,4 +1,8 @@
-"""The pytest plugin under each way of running async tests, on generated test suites."""
+"""The pytest plugin under each way of running async tests, on generated test suites.
+
+Each test writes a small suite and runs it with pytester: pytest-asyncio in strict and auto
+mode, anyio's plugin on asyncio, uvloop and trio, the leak check, the marker.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,12 @@ import pytest
 
 pytest_plugins = ("pytester",)
 
-HAS_TRIO = importlib.util.find_spec("trio") is not None
 HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
 HEADER = """
-import asyncio
 import os
 
+import anyio
 import pytest
 
 import offload.tasks  # registers crypto:hash
@@ -23,7 +26,7 @@ from offload import WorkerManager
 pytestmark = [{mark}]
 """
 
-# What every kind of suite must be able to do.
+# What every kind of suite must be able to do (backend-neutral: anyio works on each loop).
 ESSENTIAL = """
 
 async def test_used_directly(worker_manager):
@@ -32,20 +35,49 @@ async def test_used_directly(worker_manager):
     assert os.getpid() not in worker_manager.worker_pids()
 
 
+LEFT = []
+
+
 async def test_factory_and_a_manager_left_running(worker_manager_factory):
+    results = {}
+
+    async def one(wm, n):
+        results[n] = await wm.run(abs, -n)
+
     async with worker_manager_factory(workers=1) as a:
         b = await worker_manager_factory(workers=1).start()  # never shut down by the test
+        LEFT.append((b, b.worker_pids()))
         assert set(a.worker_pids()).isdisjoint(b.worker_pids())
-        assert await asyncio.gather(a.run(abs, -1), b.run(abs, -2)) == [1, 2]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, a, 1)
+            tg.start_soon(one, b, 2)
+        assert results == {1: 1, 2: 2}
 
 
-async def test_plain_manager_in_a_test():
-    async with WorkerManager(workers=1) as wm:
-        assert await wm.run(divmod, 7, 2) == (3, 1)
-"""
+async def test_the_manager_left_running_was_shut_down_cleanly():
+    (b, pids), = LEFT
+    assert b.closed
+    assert b.finished  # its shutdown ran to the end (not the loop's end killing the workers)
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        raise AssertionError(f"worker {pid} of the left manager still exists")
 
-# The rest of the surface, checked once (strict mode).
-MORE = """
+
+async def test_started_by_concurrent_first_uses(worker_manager):
+    results = []
+
+    async def use(n):
+        results.append(await worker_manager.run(abs, -n))
+
+    async with anyio.create_task_group() as tg:
+        for n in range(4):
+            tg.start_soon(use, n)
+    assert sorted(results) == [0, 1, 2, 3]
+    assert len(worker_manager.worker_pids()) == 2
+
 
 async def test_async_with(worker_manager):
     async with worker_manager as wm:
@@ -61,48 +93,31 @@ async def test_marker_settings(worker_manager):
     async with worker_manager as wm:
         assert wm.stats().workers == 1
         assert wm.max_queue == 0
+
+
+async def test_plain_manager_in_a_test():
+    async with WorkerManager(workers=1) as wm:
+        assert await wm.run(divmod, 7, 2) == (3, 1)
 """
+N_ESSENTIAL = 7
 
-ANYIO_ASYNCIO = """
+# anyio's plugin over each backend it can run: asyncio, uvloop, trio.
+ANYIO_BACKENDS = """
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-"""
-
-ANYIO_LOOPS = """
-import asyncio
-
-import pytest
-
-pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params={params})
+@pytest.fixture(scope="module", params={params})
 def anyio_backend(request):
     return request.param
 
 
-@pytest.mark.offload(workers=1)
-async def test_loop_kind(worker_manager, anyio_backend):
+async def test_runs_on_the_backend(worker_manager, anyio_backend):
     assert await worker_manager.run(abs, -3) == 3
-    module = type(asyncio.get_running_loop()).__module__
-    assert module.startswith("uvloop") == isinstance(anyio_backend, tuple)
-"""
+    name = anyio_backend[0] if isinstance(anyio_backend, tuple) else anyio_backend
+    assert offload._runtime.current_runtime().name == name
+    if name == "asyncio":
+        import asyncio
 
-TRIO_TEST = """
-import pytest
-
-pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend():
-    return "trio"
-
-
-async def test_not_on_trio(worker_manager):
-    raise AssertionError("not reached: the fixture skips the test")
+        module = type(asyncio.get_running_loop()).__module__
+        assert module.startswith("uvloop") == isinstance(anyio_backend, tuple)
 """
 
 UVLOOP_CONFTEST = """
@@ -133,16 +148,27 @@ async def test_on_each_loop(worker_manager, request):
 LEAK_TEST = """
 import pytest
 
-from offload import _pool
+from offload._local._pool import LocalPool
 
+{backend}
 
 async def test_broken_shutdown(worker_manager, monkeypatch):
     async def keep_workers(self, grace):  # a shutdown that leaves the workers alive
         return None
 
-    monkeypatch.setattr(_pool.Pool, "aclose", keep_workers)
+    monkeypatch.setattr(LocalPool, "aclose", keep_workers)
     async with worker_manager as wm:
         assert await wm.run(abs, -1) == 1
+"""
+
+MODULE_LOOP_TEST = """
+import pytest
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+async def test_left_running_in_a_wider_loop(worker_manager):
+    assert await worker_manager.run(abs, -5) == 5
 """
 
 
@@ -157,38 +183,39 @@ def ini(pytester: pytest.Pytester, mode: str) -> None:
     )
 
 
-def anyio_params() -> str:
-    params = ['"asyncio"']
+def backends() -> list[str]:
+    params = ['"asyncio"', '"trio"']
     if HAS_UVLOOP:
-        params.append('("asyncio", {"use_uvloop": True})')
-    return "[" + ", ".join(params) + "]"
+        params.insert(1, '("asyncio", {"use_uvloop": True})')
+    return params
 
 
-def test_pytest_asyncio_strict_mode_and_anyio_together(pytester: pytest.Pytester) -> None:
+def test_pytest_asyncio_strict_mode(pytester: pytest.Pytester) -> None:
     ini(pytester, "strict")
-    files = {
-        "test_strict": HEADER.format(mark="pytest.mark.asyncio") + ESSENTIAL + MORE,
-        "test_anyio": HEADER.format(mark="pytest.mark.anyio") + ESSENTIAL + ANYIO_ASYNCIO,
-        "test_anyio_loops": ANYIO_LOOPS.format(params=anyio_params()),
-    }
-    if HAS_TRIO:
-        files["test_trio"] = TRIO_TEST
-    pytester.makepyfile(**files)
-    result = pytester.runpytest("-p", "no:cacheprovider", "-ra")
-    result.assert_outcomes(passed=5 + 3 + 1 + HAS_UVLOOP, skipped=HAS_TRIO)
-    if HAS_TRIO:
-        result.stdout.fnmatch_lines(["*offload runs on asyncio only*'trio' is not supported*"])
+    pytester.makepyfile(test_strict=HEADER.format(mark="pytest.mark.asyncio") + ESSENTIAL)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:anyio", "-v")
+    result.assert_outcomes(passed=N_ESSENTIAL)
 
 
-def test_pytest_asyncio_auto_mode_and_leak_detection(pytester: pytest.Pytester) -> None:
-    """Auto mode, in a subprocess: the leak test abandons live workers on purpose."""
+def test_pytest_asyncio_auto_mode(pytester: pytest.Pytester) -> None:
     ini(pytester, "auto")
-    pytester.makepyfile(test_auto=HEADER.format(mark="") + ESSENTIAL, test_leak=LEAK_TEST)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore")
-    result.assert_outcomes(passed=4, errors=1)
-    result.stdout.fnmatch_lines(
-        ["*ERROR at teardown of test_broken_shutdown*", "*offload: worker processes still alive*"]
+    pytester.makepyfile(test_auto=HEADER.format(mark="") + ESSENTIAL)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-v")
+    result.assert_outcomes(passed=N_ESSENTIAL)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_anyio_plugin_on_each_backend(pytester: pytest.Pytester, backend: str) -> None:
+    """anyio's plugin (pytest-asyncio loaded too, in strict mode): nothing is skipped."""
+    ini(pytester, "strict")
+    pytester.makepyfile(
+        test_anyio=HEADER.format(mark="pytest.mark.anyio")
+        + "\nimport offload._runtime\n"
+        + ESSENTIAL
+        + ANYIO_BACKENDS.format(params=f"[{backend}]")
     )
+    result = pytester.runpytest("-p", "no:cacheprovider", "-v", "-W", "error")
+    result.assert_outcomes(passed=N_ESSENTIAL + 1)
 
 
 @pytest.mark.skipif(not HAS_UVLOOP, reason="uvloop is not installed")
@@ -201,7 +228,64 @@ def test_pytest_asyncio_with_uvloop(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*test_on_each_loop?uvloop? PASSED*"])
 
 
+LEAK_BACKENDS = {
+    "pytest-asyncio": "pytestmark = pytest.mark.asyncio",
+    "anyio-asyncio": (
+        "pytestmark = pytest.mark.anyio\n\n\n@pytest.fixture\ndef anyio_backend():\n"
+        "    return 'asyncio'\n"
+    ),
+    "anyio-trio": (
+        "pytestmark = pytest.mark.anyio\n\n\n@pytest.fixture\ndef anyio_backend():\n"
+        "    return 'trio'\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("runner", list(LEAK_BACKENDS))
+def test_leaked_workers_fail_the_test_and_are_killed(
+    pytester: pytest.Pytester, runner: str
+) -> None:
+    """In a subprocess: the suite abandons live workers on purpose."""
+    ini(pytester, "strict")
+    pytester.makepyfile(test_leak=LEAK_TEST.format(backend=LEAK_BACKENDS[runner]))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*ERROR at teardown of test_broken_shutdown*", "*offload: worker processes still alive*"]
+    )
+    # The survivors were killed: the subprocess (their parent) exited without waiting on them,
+    # and nothing of its pids runs the worker script any more.
+    result.stdout.no_fnmatch_line("*interpreter worker threads*")
+
+
+def test_a_manager_left_running_in_a_loop_that_outlives_the_test(
+    pytester: pytest.Pytester,
+) -> None:
+    ini(pytester, "strict")
+    pytester.makepyfile(test_module_loop=MODULE_LOOP_TEST)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*was left running, and its event loop outlives the test*"])
+
+
 def test_the_marker_is_registered(pytester: pytest.Pytester) -> None:
     ini(pytester, "strict")
     result = pytester.runpytest("--markers")
     result.stdout.fnmatch_lines(["@pytest.mark.offload(*"])
+
+
+def test_the_marker_takes_keywords_only(pytester: pytest.Pytester) -> None:
+    ini(pytester, "strict")
+    pytester.makepyfile(
+        test_marker="""
+        import pytest
+
+        @pytest.mark.offload(1)
+        @pytest.mark.asyncio
+        async def test_positional(worker_manager):
+            pass
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*offload takes keyword arguments only*"])

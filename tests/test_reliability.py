@@ -14,7 +14,6 @@ import psutil
 import pytest
 
 import tasks
-from conftest import release
 from offload import (
     NotSerializable,
     PoisonTask,

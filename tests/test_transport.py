@@ -29,8 +29,12 @@ from offload._offload_worker import codec as _codec
 
 # The codec and arenas as one namespace, as the tests below use them.
 wire = SimpleNamespace(
-    SHARED_MIN=_codec.SHARED_MIN, encode=_codec.encode, decode_body=_codec.decode_body,
-    release=_codec.release, Payload=_codec.Payload, Arena=_arena.Arena,
+    SHARED_MIN=_codec.SHARED_MIN,
+    encode=_codec.encode,
+    decode_body=_codec.decode_body,
+    release=_codec.release,
+    Payload=_codec.Payload,
+    Arena=_arena.Arena,
 )
 
 MIN = wire.SHARED_MIN

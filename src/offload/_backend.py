@@ -83,11 +83,22 @@ class Outcome:
     """What happened to a ticket's work, as the backend saw it.
 
     ``tag`` and ``payload`` are the worker's answer (``ANSWER``, ``ITEM``, ``PROGRESS``);
-    ``buffers`` its out-of-band buffers, released with ``release()`` once decoded; ``seconds``
-    the run time; ``note`` says why for ``LOST``.
+    ``buffers`` its out-of-band buffers, or ``loader()`` to read ``(pickle, buffers)`` from
+    shared memory (``size`` bytes: a big read belongs in a thread); ``release()`` once decoded;
+    ``seconds`` the run time; ``note`` says why for ``LOST``.
     """
 
-    __slots__ = ("buffers", "kind", "note", "payload", "release", "seconds", "tag")
+    __slots__ = (
+        "buffers",
+        "kind",
+        "loader",
+        "note",
+        "payload",
+        "release",
+        "seconds",
+        "size",
+        "tag",
+    )
 
     def __init__(
         self,
@@ -98,6 +109,8 @@ class Outcome:
         note: str = "",
         buffers: list[Any] | None = None,
         release: Callable[[], None] | None = None,
+        loader: Callable[[], tuple[Any, list[Any]]] | None = None,
+        size: int = 0,
     ) -> None:
         self.kind = kind
         self.tag = tag
@@ -106,6 +119,8 @@ class Outcome:
         self.note = note
         self.buffers = buffers
         self.release = release
+        self.loader = loader  # reads the pickle and buffers from shared memory (big: a thread)
+        self.size = size  # bytes ``loader`` reads
 
 
 class OutcomeSink(Protocol):

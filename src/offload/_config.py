@@ -111,12 +111,15 @@ def _range(low: float, high: float | None) -> str:
     return f">= {low}" if high is None else f"from {low} to {high}"
 
 
-def _seconds(name: str, value: object, *, low: float = 0.0, strict: bool = False,
-             optional: bool = False) -> float | None:
+def _seconds(
+    name: str, value: object, *, low: float = 0.0, strict: bool = False, optional: bool = False
+) -> float | None:
     """A finite number of seconds ``>= low`` (``> low`` when ``strict``), or ``None``."""
     if value is None and optional:
         return None
-    what = f"a number of seconds {'>' if strict else '>='} {low:g}" + (" or None" if optional else "")
+    what = f"a number of seconds {'>' if strict else '>='} {low:g}" + (
+        " or None" if optional else ""
+    )
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be {what}, not {value!r}")
     number = float(value)
@@ -185,7 +188,9 @@ def make_config(
     elif min_workers is None and max_workers is None:
         low = high = start = default_workers(servers)
     else:
-        high = _int("max_workers", default_workers(servers) if max_workers is None else max_workers, 1)
+        high = _int(
+            "max_workers", default_workers(servers) if max_workers is None else max_workers, 1
+        )
         low = _int("min_workers", 0 if min_workers is None else min_workers, 0)
         if low > high:
             raise ValueError(f"min_workers ({low}) must not be more than max_workers ({high})")

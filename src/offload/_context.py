@@ -66,15 +66,18 @@ def current_manager() -> WorkerManager:
     >>> async def handler():  # doctest: +SKIP
     ...     return await offload.current_manager().run(pow, 2, 64)
 
-    Raises ``NoCurrentManager`` (``NO_CURRENT_MANAGER``; also a ``LookupError`` and ``RuntimeError``) with a hint when no
-    manager is set, or when several are bound to the running loop and none to this context.
+    Raises ``NoCurrentManager`` (``NO_CURRENT_MANAGER``; also a ``LookupError`` and
+    ``RuntimeError``) with a hint when no manager is set, or when several are bound to the
+    running loop and none to this context.
     """
     wm = _current.get()
     if wm is not None:
         return wm
     loop = _loop_key()
     if loop is None:
-        raise NoCurrentManager(f"no current offload manager (and no running event loop here); {_HINT}")
+        raise NoCurrentManager(
+            f"no current offload manager (and no running event loop here); {_HINT}"
+        )
     bound = _by_loop.get(loop)
     if not bound:
         raise NoCurrentManager(f"no current offload manager; {_HINT}")

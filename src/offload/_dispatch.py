@@ -29,14 +29,15 @@ import pickle
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Final
+
+import anyio.to_thread
 
 from ._backend import Backend, Outcome, OutcomeKind, Ticket
 from ._config import Config
 from ._estimates import Estimates
 from ._offload_worker import protocol
-from ._offload_worker.codec import Payload
+from ._offload_worker.codec import OFFLOOP_BYTES, Payload
 from ._outcome import decode
 from ._policy import PoisonGuard
 from ._queue import ReadyQueue
@@ -75,20 +76,54 @@ class JobState(enum.Enum):
     DONE = "done"  # has its outcome
 
 
-@dataclass(frozen=True, slots=True)
 class Submission:
-    """One attempt of a task, ready for the dispatcher (the manager builds it)."""
+    """One attempt of a task, ready for the dispatcher (the manager builds it).
 
-    payload: bytes | Payload
-    name: str
-    flow: object
-    priority: Priority
-    timeout: float | None
-    max_wait: float | None
-    task_id: str | None
-    route: str
-    stream: int = 0  # > 0: a stream, with this many items of credit
-    on_progress: Callable[[Progress], Any] | None = None
+    ``stream`` > 0: a stream, with this many items of credit.
+    """
+
+    __slots__ = (
+        "flow",
+        "max_wait",
+        "name",
+        "on_progress",
+        "payload",
+        "priority",
+        "route",
+        "stream",
+        "task_id",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        payload: bytes | Payload,
+        name: str,
+        flow: object,
+        priority: Priority,
+        timeout: float | None,
+        max_wait: float | None,
+        task_id: str | None,
+        route: str,
+        stream: int = 0,
+        on_progress: Callable[[Progress], Any] | None = None,
+    ) -> None:
+        self.payload = payload
+        self.name = name
+        self.flow = flow
+        self.priority = priority
+        self.timeout = timeout
+        self.max_wait = max_wait
+        self.task_id = task_id
+        self.route = route
+        self.stream = stream
+        self.on_progress = on_progress
+
+    def replace(self, **changes: Any) -> Submission:
+        """A copy with ``changes``."""
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return Submission(**values)
 
 
 class StreamChannel:
@@ -119,6 +154,7 @@ class Job:
         "flow",
         "key",
         "latest_start",
+        "loading",
         "max_wait",
         "name",
         "on_progress",
@@ -140,8 +176,9 @@ class Job:
         "waiter",
     )
 
-    def __init__(self, key: int, sub: Submission, cost: float | None, now: float,
-                 waiter: Waiter) -> None:
+    def __init__(
+        self, key: int, sub: Submission, cost: float | None, now: float, waiter: Waiter
+    ) -> None:
         self.key = key
         self.seq = key
         self.priority = int(sub.priority)
@@ -169,10 +206,19 @@ class Job:
         self.result: Any = None
         self.error: BaseException | None = None
         self.run = 0.0
+        self.loading = False  # its result is being read in a thread
         self.stream: StreamChannel | None = StreamChannel() if sub.stream else None
         self.ticket = Ticket(
-            key, key, self.priority, sub.flow, cost, sub.payload, sub.name, sub.task_id,
-            stream=bool(sub.stream), credit=sub.stream,
+            key,
+            key,
+            self.priority,
+            sub.flow,
+            cost,
+            sub.payload,
+            sub.name,
+            sub.task_id,
+            stream=bool(sub.stream),
+            credit=sub.stream,
         )
 
     def __repr__(self) -> str:
@@ -186,6 +232,19 @@ class Job:
         return self.result
 
 
+def _decode(outcome: Outcome, job: Job) -> Any:
+    """The result an answer stands for (raises the error it stands for); then its shared
+    memory is released. Runs in a thread for a big result."""
+    try:
+        if outcome.loader is not None:
+            data, buffers = outcome.loader()
+            return decode(outcome.tag, data, job.route, job.task_id, buffers)
+        return decode(outcome.tag, outcome.payload, job.route, job.task_id, outcome.buffers)
+    finally:
+        if outcome.release is not None:
+            outcome.release()
+
+
 class Dispatcher:
     """Admission, the ready queues, deadlines, the pump, and every job's one outcome."""
 
@@ -197,6 +256,7 @@ class Dispatcher:
         *,
         poison: PoisonGuard | None = None,
         estimates: Estimates | None = None,
+        spawn: Callable[..., None] | None = None,
     ) -> None:
         self.config = config
         self.runtime = runtime
@@ -212,6 +272,7 @@ class Dispatcher:
         self._pump_again = False
         self.closed = False
         self.loop_cost = 0.0001  # seconds of loop time an offloaded task costs (measured)
+        self._spawn = spawn  # background work (big results are read in a thread)
         self._drained: Waiter | None = None
         for backend in backends.values():
             backend.bind(self)
@@ -341,7 +402,7 @@ class Dispatcher:
         state = job.state
         if state is JobState.DONE or state is JobState.STOPPING:
             return
-        if state is JobState.QUEUED:
+        if state is JobState.QUEUED or job.loading:  # (loading: its work is done already)
             self.settle(job, error=self._stop_error(job, reason))
             return
         job.state = JobState.STOPPING
@@ -406,15 +467,25 @@ class Dispatcher:
         seconds = outcome.seconds
         if tag == protocol.OK or tag == protocol.RAISED:
             self.estimates.add(job.flow, seconds)
+        if outcome.loader is not None and outcome.size >= OFFLOOP_BYTES and self._spawn:
+            job.loading = True  # a big result: read and unpickled in a thread, then settled
+            self._spawn(self._load_later, job, outcome)
+            return
         try:
-            result = decode(tag, outcome.payload, job.route, job.task_id, outcome.buffers)
+            result = _decode(outcome, job)
         except BaseException as exc:
             self.settle(job, error=exc, run=seconds)
         else:
             self.settle(job, result=result, run=seconds)
-        finally:
-            if outcome.release is not None:
-                outcome.release()
+
+    async def _load_later(self, job: Job, outcome: Outcome) -> None:
+        try:
+            result = await anyio.to_thread.run_sync(_decode, outcome, job)
+        except BaseException as exc:
+            if job.state is not JobState.DONE:
+                self.settle(job, error=exc, run=outcome.seconds)
+        else:
+            self.settle(job, result=result, run=outcome.seconds)
 
     def _progress(self, job: Job, outcome: Outcome) -> None:
         if job.state is JobState.SENT:
@@ -433,22 +504,20 @@ class Dispatcher:
         if job.state is JobState.SENT:
             job.state = JobState.RUNNING
         channel = job.stream
-        try:
-            if channel is None or channel.done:
-                return
-            try:
-                item = decode(protocol.ITEM, outcome.payload, job.route, job.task_id,
-                              outcome.buffers)
-            except BaseException as exc:
-                channel.error = exc
-                channel.done = True
-                self.stop(job, "cancelled")
-            else:
-                channel.items.append(item)
-            channel.wake()
-        finally:
+        if channel is None or channel.done:
             if outcome.release is not None:
                 outcome.release()
+            return
+        outcome.tag = protocol.ITEM
+        try:
+            item = _decode(outcome, job)  # (it releases the shared memory)
+        except BaseException as exc:
+            channel.error = exc
+            channel.done = True
+            self.stop(job, "cancelled")
+        else:
+            channel.items.append(item)
+        channel.wake()
 
     def on_capacity(self) -> None:
         self.pump()
@@ -502,7 +571,11 @@ class Dispatcher:
     # -- the one outcome -----------------------------------------------------------------------
 
     def settle(
-        self, job: Job, *, result: Any = None, error: BaseException | None = None,
+        self,
+        job: Job,
+        *,
+        result: Any = None,
+        error: BaseException | None = None,
         run: float = 0.0,
     ) -> None:
         """Give ``job`` its one outcome (later calls for the same job do nothing)."""
@@ -561,8 +634,14 @@ class Dispatcher:
         else:
             outcome = type(error).__name__
         record = TaskRecord(
-            job.seq, job.task_id, job.name, _PRIORITY_NAMES[job.priority], job.route, outcome,
-            wait, run,
+            job.seq,
+            job.task_id,
+            job.name,
+            _PRIORITY_NAMES[job.priority],
+            job.route,
+            outcome,
+            wait,
+            run,
         )
         self._call_on_task_done(record)
 
@@ -584,7 +663,12 @@ class Dispatcher:
         return estimate is not None and estimate < threshold and estimate < self.loop_cost
 
     def record_inline(
-        self, name: str, flow: object, task_id: str | None, priority: Priority, run: float,
+        self,
+        name: str,
+        flow: object,
+        task_id: str | None,
+        priority: Priority,
+        run: float,
         error: BaseException | None,
     ) -> None:
         """Count a task that ran inline, as any other (stats, estimates, ``on_task_done``)."""
@@ -598,12 +682,20 @@ class Dispatcher:
         else:
             stats.failed += 1
         if self.config.on_task_done is not None:
-            outcome = "ok" if error is None else (
-                error.code if isinstance(error, OffloadError) else type(error).__name__
+            outcome = (
+                "ok"
+                if error is None
+                else (error.code if isinstance(error, OffloadError) else type(error).__name__)
             )
             record = TaskRecord(
-                next(self._keys), task_id, name, _PRIORITY_NAMES[int(priority)], "inline",
-                outcome, 0.0, run,
+                next(self._keys),
+                task_id,
+                name,
+                _PRIORITY_NAMES[int(priority)],
+                "inline",
+                outcome,
+                0.0,
+                run,
             )
             self._call_on_task_done(record)
 
@@ -641,7 +733,15 @@ class Dispatcher:
             low += info.min_workers
             high += info.max_workers
         return self.stats.snapshot(
-            kind, workers, spares, running, queued,
-            worker_restarts=restarts, worker_recycles=recycles, workers_started=started,
-            workers_retired=retired, min_workers=low, max_workers=high,
+            kind,
+            workers,
+            spares,
+            running,
+            queued,
+            worker_restarts=restarts,
+            worker_recycles=recycles,
+            workers_started=started,
+            workers_retired=retired,
+            min_workers=low,
+            max_workers=high,
         )

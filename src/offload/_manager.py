@@ -26,6 +26,7 @@ from ._outcome import alias_main
 from ._policy import should_retry
 from ._registry import RegisteredTask, task_from_dict
 from ._runtime import Runtime, current_runtime
+from ._spawn import Spawner
 from ._stats import Progress, Stats, WorkerInfo
 from ._task import Priority, PriorityLike, Retry, Task, coerce_priority, coerce_timeout
 from .errors import (
@@ -46,9 +47,6 @@ R = TypeVar("R")
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
-#: Arguments holding at least this many bytes of buffers are pickled (and snapshotted) in a
-#: thread, so a big copy never blocks the event loop.
-OFFLOOP_BYTES: Final = 8 << 20
 #: How long a cancelled caller waits for its work to be stopped (a kill and reap takes ms).
 _STOP_WAIT: Final = 5.0
 _LOCAL_KINDS: Final = frozenset({"process", "interpreter"})
@@ -158,17 +156,33 @@ class WorkerManager:
         server_processes: int | None = None,
     ) -> None:
         config = make_config(
-            workers=workers, kind=kind, min_workers=min_workers, max_workers=max_workers,
-            idle_timeout=idle_timeout, max_queue=max_queue, max_wait=max_wait,
-            scheduling=scheduling, inline_below=inline_below, process_workers=process_workers,
-            max_payload=max_payload, default_timeout=default_timeout,
-            shutdown_grace=shutdown_grace, start_timeout=start_timeout,
-            interrupt_grace=interrupt_grace, on_task_done=on_task_done, retry=retry,
-            poison_after=poison_after, spare_workers=spare_workers,
-            max_tasks_per_worker=max_tasks_per_worker, max_worker_memory=max_worker_memory,
-            worker_memory_limit=worker_memory_limit, max_worker_age=max_worker_age,
-            health_interval=health_interval, health_timeout=health_timeout,
-            worker_nice=worker_nice, server_processes_=server_processes,
+            workers=workers,
+            kind=kind,
+            min_workers=min_workers,
+            max_workers=max_workers,
+            idle_timeout=idle_timeout,
+            max_queue=max_queue,
+            max_wait=max_wait,
+            scheduling=scheduling,
+            inline_below=inline_below,
+            process_workers=process_workers,
+            max_payload=max_payload,
+            default_timeout=default_timeout,
+            shutdown_grace=shutdown_grace,
+            start_timeout=start_timeout,
+            interrupt_grace=interrupt_grace,
+            on_task_done=on_task_done,
+            retry=retry,
+            poison_after=poison_after,
+            spare_workers=spare_workers,
+            max_tasks_per_worker=max_tasks_per_worker,
+            max_worker_memory=max_worker_memory,
+            worker_memory_limit=worker_memory_limit,
+            max_worker_age=max_worker_age,
+            health_interval=health_interval,
+            health_timeout=health_timeout,
+            worker_nice=worker_nice,
+            server_processes_=server_processes,
         )
         self._init(config)
 
@@ -195,6 +209,7 @@ class WorkerManager:
         self._state = _State.NEW
         self._backends: dict[str, Backend] = {}
         self._dispatch: Dispatcher | None = None
+        self._spawner: Spawner | None = None
         self._runtime: Runtime | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._service_stop: anyio.Event | None = None
@@ -207,7 +222,8 @@ class WorkerManager:
 
     def __repr__(self) -> str:
         size = (
-            f"workers={self._config.workers}" if not self._config.scaling
+            f"workers={self._config.workers}"
+            if not self._config.scaling
             else f"workers={self._config.min_workers}..{self._config.max_workers}"
         )
         return (
@@ -261,7 +277,8 @@ class WorkerManager:
         }
         alias_main()
         self._backends = self._make_backends(runtime, settings)
-        self._dispatch = Dispatcher(config, runtime, self._backends)
+        self._spawner = Spawner(runtime)
+        self._dispatch = Dispatcher(config, runtime, self._backends, spawn=self._spawner.spawn)
         self._closed_event = anyio.Event()
         await self._start_service(runtime)
         self._state = _State.RUNNING
@@ -297,7 +314,7 @@ class WorkerManager:
             from ._local import LocalPool
 
             backends["process"] = LocalPool("process", config.process_workers, config, settings)
-        return backends  # type: ignore[return-value]
+        return backends
 
     async def _start_service(self, runtime: Runtime) -> None:
         """The manager's background work (worker starts, health checks, scaling) runs in a
@@ -310,8 +327,11 @@ class WorkerManager:
             try:
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
+                    assert self._spawner is not None
+                    tg.start_soon(self._spawner.run, tg)
                     ready.set()
                     await stop.wait()
+                    self._spawner.close()
                     tg.cancel_scope.cancel()
             except BaseException:  # the loop is ending without a shutdown: leave nothing
                 self._emergency_stop()
@@ -355,7 +375,8 @@ class WorkerManager:
         self._state = _State.DRAINING
         grace = self.shutdown_grace if grace is None else _grace(grace)
         dispatch = self._dispatch
-        assert dispatch is not None and self._runtime is not None
+        assert dispatch is not None
+        assert self._runtime is not None
         dispatch.closed = True
         for backend in self._backends.values():
             backend.drain()
@@ -441,9 +462,47 @@ class WorkerManager:
             max_wait = _timeout(max_wait, task_id, "max_wait")
         retry_policy = _retry(retry, task_id) if retry is not None else self.default_retry
         flow, name = self._flow(fn)
+        if retry_policy is None and on_progress is None and self._config.inline_below is None:
+            # The common case, in one frame: one attempt, no progress, never inline.
+            payload = self._encode_here(fn, args, None, task_id)
+            if payload is not None:
+                job = dispatch.submit(
+                    Submission(
+                        payload,
+                        name,
+                        flow,
+                        prio,
+                        self.default_timeout if timeout is None else timeout,
+                        self._config.max_wait if max_wait is None else max_wait,
+                        task_id,
+                        self.kind,
+                    )
+                )
+                try:
+                    await job.waiter.wait()
+                except BaseException:
+                    if job.state is not JobState.DONE:
+                        await self._stop_after_cancel(job)
+                    raise
+                if job.error is None:
+                    return job.result  # type: ignore[no-any-return]
+                if job.error is CANCELLED:
+                    raise ManagerClosed("the task was stopped", task_id=task_id)
+                raise job.error
         result: R = await self._call(
-            fn, args, None, flow, name, prio, timeout, max_wait, task_id, retry_policy,
-            self.kind, self._config.inline_below, on_progress,
+            fn,
+            args,
+            None,
+            flow,
+            name,
+            prio,
+            timeout,
+            max_wait,
+            task_id,
+            retry_policy,
+            self.kind,
+            self._config.inline_below,
+            on_progress,
         )
         return result
 
@@ -474,8 +533,10 @@ class WorkerManager:
             task, entry = task_from_dict(task)
             data = task.args[0] if task.args and entry.prepare is None else None
             route = self._route(entry, data, task.id)
-            inline = entry.inline_below if entry.inline_below is not None else (
-                self._config.inline_below
+            inline = (
+                entry.inline_below
+                if entry.inline_below is not None
+                else (self._config.inline_below)
             )
         else:
             raise InvalidTask(f"execute_task takes a Task or a dict, not {type(task).__name__}")
@@ -484,9 +545,19 @@ class WorkerManager:
         flow, name = (entry.name, entry.name) if entry is not None else self._flow(task.fn)
         retry = task.retry if task.retry is not None else self.default_retry
         return await self._call(
-            task.fn, task.args, dict(task.kwargs) or None, flow, name,
-            task.priority, task.timeout, task.max_wait, task.id, retry,  # type: ignore[arg-type]
-            route, inline, on_progress,
+            task.fn,
+            task.args,
+            dict(task.kwargs) or None,
+            flow,
+            name,
+            coerce_priority(task.priority),
+            task.timeout,
+            task.max_wait,
+            task.id,
+            retry,  # type: ignore[arg-type]
+            route,
+            inline,
+            on_progress,
         )
 
     def _flow(self, fn: Any) -> tuple[str, str]:
@@ -549,8 +620,11 @@ class WorkerManager:
         if on_progress is not None and not self._backends[route].supports_progress:
             if not self._warned_progress:
                 self._warned_progress = True
-                log.warning("offload: %s workers send no progress events; on_progress is "
-                            "never called there", route)
+                log.warning(
+                    "offload: %s workers send no progress events; on_progress is "
+                    "never called there",
+                    route,
+                )
             on_progress = None
         payload = await self._encode(fn, args, kwargs, task_id)
         sub = Submission(payload, name, flow, priority, timeout, max_wait, task_id, route)
@@ -580,10 +654,7 @@ class WorkerManager:
             self._dispatch.stats.retried += 1
             await anyio.sleep(delay)
             if deadline is not None:
-                left = deadline - runtime.now()
-                if left <= 0:
-                    raise exc
-                sub = _replace(sub, timeout=left)
+                sub = _replace(sub, timeout=max(deadline - runtime.now(), 1e-6))
 
     async def _attempt(self, sub: Submission) -> Any:
         """One submission: admitted (or refused at once), then its one outcome."""
@@ -612,7 +683,8 @@ class WorkerManager:
         (a process worker killed and reaped) before the cancellation goes on."""
         dispatch = self._dispatch
         runtime = self._runtime
-        assert dispatch is not None and runtime is not None
+        assert dispatch is not None
+        assert runtime is not None
         with anyio.CancelScope(shield=True):
             job.waiter = runtime.waiter()
             dispatch.stop(job, "cancelled")
@@ -643,8 +715,14 @@ class WorkerManager:
                 raise
 
     def _inline(
-        self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None, flow: str,
-        name: str, priority: Priority, task_id: str | None,
+        self,
+        fn: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        flow: str,
+        name: str,
+        priority: Priority,
+        task_id: str | None,
     ) -> Any:
         """Run a tiny task on this thread (its stats and ``on_task_done`` as any other)."""
         dispatch = self._dispatch
@@ -653,45 +731,72 @@ class WorkerManager:
         try:
             result = fn(*args, **kwargs) if kwargs else fn(*args)
         except Exception as exc:
-            dispatch.record_inline(name, flow, task_id, priority,
-                                   time.perf_counter() - started, exc)
+            dispatch.record_inline(
+                name, flow, task_id, priority, time.perf_counter() - started, exc
+            )
             raise
         dispatch.record_inline(name, flow, task_id, priority, time.perf_counter() - started, None)
         return result
 
     async def _encode(
-        self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
+        self,
+        fn: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
         task_id: str | None,
     ) -> bytes | codec.Payload:
         """The pickled call; big buffers out of band, copied off the loop when big."""
-        call = (fn, args, kwargs or {})
+        payload = self._encode_here(fn, args, kwargs, task_id)
+        if payload is None:  # big buffers: pickled (and snapshotted) in a thread
+            payload = await anyio.to_thread.run_sync(
+                self._pickle_call, fn, args, kwargs, task_id, True
+            )
+            self._check_size(payload, task_id)
+        return payload
+
+    def _encode_here(
+        self,
+        fn: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        task_id: str | None,
+    ) -> bytes | codec.Payload | None:
+        """The pickled call, or ``None`` when its buffers are too big to copy on the loop."""
         scan = codec.may_hold_buffers(args) or (
             kwargs is not None and codec.may_hold_buffers(kwargs.values())
         )
-        out_of_band = self._out_of_band
-        depth = 3 if scan else 0
+        if scan and codec.big_buffer_bytes(args, 2) >= codec.OFFLOOP_BYTES:
+            return None
+        payload = self._pickle_call(fn, args, kwargs, task_id, scan)
+        self._check_size(payload, task_id)
+        return payload
 
-        def encode() -> bytes | codec.Payload:
-            try:
-                return codec.encode(call, out_of_band, depth=depth)
-            except Exception as exc:
-                raise NotSerializable(
-                    f"the task's function or arguments cannot be pickled: {type(exc).__name__}"
-                    f": {_first_line(exc)}; use module-level functions and picklable arguments",
-                    task_id=task_id,
-                ) from None
+    def _pickle_call(
+        self,
+        fn: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        task_id: str | None,
+        scan: bool,
+    ) -> bytes | codec.Payload:
+        try:
+            if not scan and self._out_of_band:
+                return codec.dumps_plain((fn, args, kwargs or {}))
+            return codec.encode((fn, args, kwargs or {}), self._out_of_band, depth=3 if scan else 0)
+        except Exception as exc:
+            raise NotSerializable(
+                f"the task's function or arguments cannot be pickled: {type(exc).__name__}"
+                f": {_first_line(exc)}; use module-level functions and picklable arguments",
+                task_id=task_id,
+            ) from None
 
-        if scan and codec.big_buffer_bytes(args, 2) >= OFFLOOP_BYTES:
-            payload = await anyio.to_thread.run_sync(encode)
-        else:
-            payload = encode()
+    def _check_size(self, payload: bytes | codec.Payload, task_id: str | None) -> None:
         if len(payload) > self.max_payload:
             raise PayloadTooLarge(
                 f"the arguments are {len(payload)} bytes pickled, over max_payload="
                 f"{self.max_payload}; send less (e.g. a file path), or raise max_payload",
                 task_id=task_id,
             )
-        return payload
 
     # -- map and stream ------------------------------------------------------------------------
 
@@ -725,9 +830,15 @@ class WorkerManager:
         from ._map import map_results
 
         return map_results(
-            self, fn, iterable, ordered=ordered, chunksize=chunksize,
-            max_in_flight=max_in_flight, priority=_priority(priority, None),
-            timeout=None if timeout is None else _timeout(timeout, None), progress=progress,
+            self,
+            fn,
+            iterable,
+            ordered=ordered,
+            chunksize=chunksize,
+            max_in_flight=max_in_flight,
+            priority=_priority(priority, None),
+            timeout=None if timeout is None else _timeout(timeout, None),
+            progress=progress,
         )
 
     def stream(
@@ -762,8 +873,12 @@ class WorkerManager:
                 f"{self.kind} workers cannot stream results; use process or interpreter workers"
             )
         return open_stream(
-            self, gen_fn, args, _priority(priority, None),
-            None if timeout is None else _timeout(timeout, None), buffer,
+            self,
+            gen_fn,
+            args,
+            _priority(priority, None),
+            None if timeout is None else _timeout(timeout, None),
+            buffer,
         )
 
     # -- observing -----------------------------------------------------------------------------
@@ -779,8 +894,7 @@ class WorkerManager:
     def worker_statistics(self) -> list[WorkerInfo]:
         """A frozen ``WorkerInfo`` per worker: state, tasks done, failures, current task and
         how long it has run, resident memory (processes), start and last activity."""
-        return [info for backend in self._backends.values()
-                for info in backend.worker_statistics()]
+        return [info for backend in self._backends.values() for info in backend.worker_statistics()]
 
     def worker_pids(self) -> list[int]:
         """The process ids of this manager's live process workers (for tests and monitoring)."""
@@ -791,9 +905,7 @@ WorkerManager.__module__ = "offload"
 
 
 def _replace(sub: Submission, **changes: Any) -> Submission:
-    import dataclasses
-
-    return dataclasses.replace(sub, **changes)
+    return sub.replace(**changes)
 
 
 def _priority(value: object, task_id: str | None) -> Priority:
@@ -854,4 +966,3 @@ def _first(exc: BaseException) -> BaseException:
 
 def _first_base() -> BaseException | None:
     return sys.exc_info()[1]
-

@@ -51,12 +51,12 @@ def map_results(
     ):
         raise ValueError(f"chunksize must be an int >= 1 or None, not {chunksize!r}")
     if max_in_flight is not None and (
-        isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int)
-        or max_in_flight < 1
+        isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1
     ):
         raise ValueError(f"max_in_flight must be an int >= 1 or None, not {max_in_flight!r}")
-    return _Mapper(manager, fn, iterable, ordered, chunksize, max_in_flight, priority, timeout,
-                   progress)
+    return _Mapper(
+        manager, fn, iterable, ordered, chunksize, max_in_flight, priority, timeout, progress
+    )
 
 
 class _Chunk:
@@ -190,8 +190,14 @@ class _Mapper(AsyncIterator[Any]):
         payload = await manager._encode(call, (items,), None, None)
         timeout = None if self._timeout is None else self._timeout * len(items)
         sub = Submission(
-            payload, self._name, self._chunk_flow, self._priority, timeout,
-            manager.config.max_wait, None, manager.kind,
+            payload,
+            self._name,
+            self._chunk_flow,
+            self._priority,
+            timeout,
+            manager.config.max_wait,
+            None,
+            manager.kind,
         )
         job = dispatch.submit(sub)
         self._chunks.append(_Chunk(self._next_index, len(items), job))
@@ -312,4 +318,3 @@ def _bar() -> _Bar | None:
         return _Bar()
     except ImportError:
         return None
-

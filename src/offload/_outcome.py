@@ -37,7 +37,10 @@ def alias_main() -> None:
 
 
 def decode(
-    tag: int, payload: memoryview | bytes, kind: str, task_id: str | None,
+    tag: int,
+    payload: memoryview | bytes,
+    kind: str,
+    task_id: str | None,
     buffers: list[Any] | None = None,
 ) -> Any:
     """The result for an answer ``tag``/``payload`` (and its out-of-band ``buffers``); raises

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ._manager import WorkerManager
-from ._stats import TaskRecord
 from ._registry import task
+from ._stats import TaskRecord
 from ._task import Task
 from .errors import OffloadError
 

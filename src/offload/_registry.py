@@ -1,10 +1,11 @@
-"""The registry of named task types: the allow-list that dict tasks are checked against.
+"""The one registry of names a request may use: task types and JSON transformers.
 
 ``@offload.task("name")`` registers a module-level function; ``{"type": "name", "data": ...}``
 runs it. Nothing else runs from a dict task: never a dotted path taken from request data.
-The built-in types register themselves when ``offload.tasks`` is imported; ``offload``'s
-package sets ``load_builtins`` so that a miss imports them first (the core never imports the
-built-ins).
+``offload.tasks.json_transformer("name")`` registers a transformer the ``json:transform`` type
+may name, in the same registry (``REGISTRY.transformers``). The built-in types register
+themselves when ``offload.tasks`` is imported; ``offload``'s package sets ``load_builtins`` so
+that a miss imports them first (the core never imports the built-ins).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from ._task import ALL_KINDS, KindName, Priority, Task
 from .errors import InvalidInput, InvalidTask, UnknownTask
 
 __all__ = (
+    "REGISTRY",
     "RegisteredTask",
+    "Registry",
     "load_builtins",
     "prepare_in_caller",
     "registered",
@@ -54,7 +57,29 @@ class RegisteredTask:
         return self.kinds if narrowed is None else self.kinds & frozenset(narrowed)
 
 
-_registry: dict[str, RegisteredTask] = {}
+class Registry:
+    """Named things a request may refer to, each table an allow-list.
+
+    ``types``: task types (``RegisteredTask``); ``transformers``: JSON transformers
+    (functions of a parsed document). A name is bound once: binding it to another function
+    is a ``ValueError`` (binding the same function again is fine, as a reloaded module does).
+    """
+
+    def __init__(self) -> None:
+        self.types: dict[str, RegisteredTask] = {}
+        self.transformers: dict[str, Callable[[Any], Any]] = {}
+
+    def add_transformer(self, name: str, fn: Callable[[Any], Any]) -> None:
+        existing = self.transformers.get(name)
+        if existing is not None and existing is not fn and _ident(existing) != _ident(fn):
+            raise ValueError(
+                f"json transformer {name!r} is already registered to {_ident(existing)}"
+            )
+        self.transformers[name] = fn
+
+
+REGISTRY: Final = Registry()
+_registry = REGISTRY.types
 
 F = TypeVar("F", bound=Callable[[Any], Any])
 
@@ -89,7 +114,8 @@ def task(
     if not allowed <= ALL_KINDS:
         raise ValueError(f"unknown worker kinds {sorted(allowed - ALL_KINDS)}")
     if inline_below is not None and (
-        isinstance(inline_below, bool) or not isinstance(inline_below, int | float)
+        isinstance(inline_below, bool)
+        or not isinstance(inline_below, int | float)
         or not 0 <= inline_below < float("inf")
     ):
         raise ValueError(f"inline_below must be a number of seconds >= 0, not {inline_below!r}")
@@ -149,9 +175,7 @@ def registered_names() -> list[str]:
     return sorted(_registry)
 
 
-_DICT_KEYS: Final = frozenset(
-    {"id", "type", "data", "priority", "timeout", "retries", "max_wait"}
-)
+_DICT_KEYS: Final = frozenset({"id", "type", "data", "priority", "timeout", "retries", "max_wait"})
 
 
 def task_from_dict(spec: Mapping[str, Any]) -> tuple[Task, RegisteredTask]:

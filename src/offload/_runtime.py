@@ -17,11 +17,10 @@ import contextlib
 import heapq
 import itertools
 import logging
+import sys
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
-
-import sys
 
 __all__ = ("Runtime", "Timer", "Waiter", "current_runtime")
 
@@ -219,10 +218,15 @@ class _TrioRuntime(Runtime):
         self._timer_task_started = False
 
     def now(self) -> float:
-        return self.trio.current_time()  # type: ignore[no-any-return]
+        return self.trio.current_time()  # type: ignore[no-any-return,unused-ignore]
 
-    def _watch(self, table: dict[int, Any], fd: int, callback: Callable[[], None],
-               wait: Callable[[int], Awaitable[None]]) -> None:
+    def _watch(
+        self,
+        table: dict[int, Any],
+        fd: int,
+        callback: Callable[[], None],
+        wait: Callable[[int], Awaitable[None]],
+    ) -> None:
         trio = self.trio
         scope = trio.CancelScope()
         table[fd] = scope

@@ -65,13 +65,21 @@ async def open_stream(
     """Start the stream; on leaving, close the generator (stop it after a grace)."""
     dispatch = manager._dispatch
     runtime = manager._runtime
-    assert dispatch is not None and runtime is not None
+    assert dispatch is not None
+    assert runtime is not None
     flow, name = manager._flow(gen_fn)
     payload = await manager._encode(gen_fn, args, None, None)
     if timeout is None:
         timeout = manager.default_timeout
     sub = Submission(
-        payload, name, flow, priority, timeout, manager.config.max_wait, None, manager.kind,
+        payload,
+        name,
+        flow,
+        priority,
+        timeout,
+        manager.config.max_wait,
+        None,
+        manager.kind,
         stream=buffer,
     )
     job = dispatch.submit(sub)
@@ -87,7 +95,8 @@ async def _close(manager: WorkerManager, job: Job) -> None:
     within the interrupt grace."""
     dispatch = manager._dispatch
     runtime = manager._runtime
-    assert dispatch is not None and runtime is not None
+    assert dispatch is not None
+    assert runtime is not None
     if job.state is JobState.DONE:
         return
     job.waiter = runtime.waiter()
@@ -97,8 +106,13 @@ async def _close(manager: WorkerManager, job: Job) -> None:
     dispatch.backends[job.route].close_stream(job.ticket)
     with anyio.move_on_after(max(0.5, manager.config.interrupt_grace * 4)):
         await job.waiter.wait()
-    if job.state is not JobState.DONE:
+    if not _done(job):
         job.waiter = runtime.waiter()
         dispatch.stop(job, "cancelled")
         with anyio.move_on_after(5.0):
             await job.waiter.wait()
+
+
+def _done(job: Job) -> bool:
+    """(read after an await: the job may have settled meanwhile)"""
+    return job.state is JobState.DONE

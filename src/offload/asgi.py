@@ -99,6 +99,11 @@ STATUS_BY_CODE: Final[Mapping[str, int]] = MappingProxyType(
         "DECRYPT_FAILED": 400,
         "PAYLOAD_TOO_LARGE": 413,
         "OUTPUT_TOO_LARGE": 413,
+        # offload.jobs: a store that is busy or out of reach now may serve a retry
+        "STORE_LOCKED": 503,
+        "STORE_UNAVAILABLE": 503,
+        "STORE_FULL": 507,
+        "JOB_NOT_FOUND": 404,
     }
 )
 
@@ -116,6 +121,10 @@ MESSAGES: Final[Mapping[str, str]] = MappingProxyType(
         "DECRYPT_FAILED": "The data could not be decrypted.",
         "PAYLOAD_TOO_LARGE": "The payload is too large.",
         "OUTPUT_TOO_LARGE": "The output would be too large.",
+        "STORE_LOCKED": "The job store is busy; retry later.",
+        "STORE_UNAVAILABLE": "The job store cannot be reached; retry later.",
+        "STORE_FULL": "The job store is out of space.",
+        "JOB_NOT_FOUND": "No such job.",
     }
 )
 _INTERNAL_MESSAGE: Final = "An internal error occurred while running the work."

@@ -258,10 +258,26 @@ class OutputTooLarge(OffloadError):
 
 
 for _cls in (
-    OffloadError, QueueFull, WouldTimeOut, TaskTimeout, TaskFailed, WorkerCrashed, PoisonTask,
-    NotSerializable, PayloadTooLarge, UnknownTask, InvalidTask, ManagerClosed, NotStarted,
-    NoCurrentManager, MainGuardMissing, UnsupportedKind, WorkerStartFailed, InvalidInput,
-    DecryptFailed, OutputTooLarge,
+    OffloadError,
+    QueueFull,
+    WouldTimeOut,
+    TaskTimeout,
+    TaskFailed,
+    WorkerCrashed,
+    PoisonTask,
+    NotSerializable,
+    PayloadTooLarge,
+    UnknownTask,
+    InvalidTask,
+    ManagerClosed,
+    NotStarted,
+    NoCurrentManager,
+    MainGuardMissing,
+    UnsupportedKind,
+    WorkerStartFailed,
+    InvalidInput,
+    DecryptFailed,
+    OutputTooLarge,
 ):
     _cls.__module__ = "offload"
 del _cls

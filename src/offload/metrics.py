@@ -53,8 +53,7 @@ try:
     from prometheus_client.registry import Collector
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
     raise ModuleNotFoundError(
-        f"offload.metrics needs prometheus_client ({exc.name} is missing): "
-        "pip install '.[metrics]'"
+        f"offload.metrics needs prometheus_client ({exc.name} is missing): pip install '.[metrics]'"
     ) from None
 
 from ._stats import BUCKETS
@@ -103,8 +102,7 @@ class OffloadCollector(Collector):
         for outcome in _OUTCOMES:
             finished.add_metric([*values, outcome], getattr(stats, outcome))
         yield finished
-        yield counter("offload_tasks_inline", "Tasks run on the event loop's thread.",
-                      stats.inline)
+        yield counter("offload_tasks_inline", "Tasks run on the event loop's thread.", stats.inline)
         yield counter("offload_task_retries", "Retry attempts.", stats.retried)
         queued = GaugeMetricFamily(
             "offload_tasks_queued", "Tasks waiting for a worker.", labels=[*names, "priority"]
@@ -119,31 +117,57 @@ class OffloadCollector(Collector):
         yield workers
         yield gauge("offload_workers_min", "The pool's lower bound.", stats.min_workers)
         yield gauge("offload_workers_max", "The pool's upper bound.", stats.max_workers)
-        yield counter("offload_worker_restarts", "Workers replaced after a crash, a kill or "
-                      "a quarantine.", stats.worker_restarts)
-        yield counter("offload_worker_recycles", "Workers replaced by policy.",
-                      stats.worker_recycles)
+        yield counter(
+            "offload_worker_restarts",
+            "Workers replaced after a crash, a kill or a quarantine.",
+            stats.worker_restarts,
+        )
+        yield counter(
+            "offload_worker_recycles", "Workers replaced by policy.", stats.worker_recycles
+        )
         yield counter("offload_workers_started", "Workers started.", stats.workers_started)
-        yield counter("offload_workers_retired", "Workers retired for being idle.",
-                      stats.workers_retired)
-        yield _histogram("offload_task_wait_seconds", "Seconds from submit to start.",
-                         names, values, stats.wait_buckets, stats.wait_sum)
-        yield _histogram("offload_task_run_seconds", "Seconds a worker ran the task.",
-                         names, values, stats.run_buckets, stats.run_sum)
+        yield counter(
+            "offload_workers_retired", "Workers retired for being idle.", stats.workers_retired
+        )
+        yield _histogram(
+            "offload_task_wait_seconds",
+            "Seconds from submit to start.",
+            names,
+            values,
+            stats.wait_buckets,
+            stats.wait_sum,
+        )
+        yield _histogram(
+            "offload_task_run_seconds",
+            "Seconds a worker ran the task.",
+            names,
+            values,
+            stats.run_buckets,
+            stats.run_sum,
+        )
         yield from self._per_worker(names, values)
 
     def _per_worker(self, names: list[str], values: list[str]) -> Iterator[Any]:
         labels = [*names, "worker"]
-        done = CounterMetricFamily("offload_worker_tasks_done", "Tasks a worker finished.",
-                                   labels=labels)
-        failures = CounterMetricFamily("offload_worker_failures",
-                                       "Tasks that failed on a worker.", labels=labels)
-        busy = GaugeMetricFamily("offload_worker_busy", "1 while the worker runs a task.",
-                                 labels=labels)
-        current = GaugeMetricFamily("offload_worker_current_task_seconds",
-                                    "How long the worker's current task has run.", labels=labels)
-        memory = GaugeMetricFamily("offload_worker_resident_memory_bytes",
-                                   "Resident memory of a process worker.", labels=labels)
+        done = CounterMetricFamily(
+            "offload_worker_tasks_done", "Tasks a worker finished.", labels=labels
+        )
+        failures = CounterMetricFamily(
+            "offload_worker_failures", "Tasks that failed on a worker.", labels=labels
+        )
+        busy = GaugeMetricFamily(
+            "offload_worker_busy", "1 while the worker runs a task.", labels=labels
+        )
+        current = GaugeMetricFamily(
+            "offload_worker_current_task_seconds",
+            "How long the worker's current task has run.",
+            labels=labels,
+        )
+        memory = GaugeMetricFamily(
+            "offload_worker_resident_memory_bytes",
+            "Resident memory of a process worker.",
+            labels=labels,
+        )
         for info in self.manager.worker_statistics():
             key = [*values, str(info.id)]
             done.add_metric(key, info.tasks_done)
@@ -156,7 +180,11 @@ class OffloadCollector(Collector):
 
 
 def _histogram(
-    metric: str, doc: str, names: list[str], values: list[str], cumulative: tuple[int, ...],
+    metric: str,
+    doc: str,
+    names: list[str],
+    values: list[str],
+    cumulative: tuple[int, ...],
     total: float,
 ) -> HistogramMetricFamily:
     family = HistogramMetricFamily(metric, doc, labels=names)

@@ -20,39 +20,54 @@ Installed with offload, nothing to enable. Two fixtures:
                 ...
 
 Teardown checks that no worker process (or interpreter thread) of those managers is still
-alive, and fails the test otherwise (the survivors are killed). A manager left running is
-shut down first, in its own event loop: when the loop's runner closes (it cancels the
-tasks left behind), or at teardown if the loop outlives the test (a module-scoped loop).
+alive, and fails the test otherwise (the survivors are killed). A manager the test left running
+is shut down for you, in its own event loop:
+
+* under anyio's plugin (asyncio, uvloop or trio): at the fixture's teardown. The fixture holds
+  anyio's test runner open from its setup to its teardown, so the loop the test ran in is still
+  there, and the shutdown runs in it (on trio, the manager's background service is a system task
+  that the end of the run would cancel, killing the workers unreaped: this is what avoids that);
+* under pytest-asyncio: when the loop's runner closes, right after the test (it cancels the
+  tasks left behind, and a background task of the manager shuts it down then). A manager left
+  running in a loop that outlives the test (``loop_scope="module"``) cannot be reached from the
+  teardown: the test fails, naming it (use ``async with`` in such tests).
 
 Why plain (synchronous) fixtures returning an unstarted manager: the manager binds to the
-event loop it starts in, and the three ways of running async tests disagree about who runs
-async fixtures (pytest-asyncio strict or auto mode, anyio's plugin). A sync fixture works
-the same under all of them; the manager starts inside the test, on the test's loop. Setup:
+event loop it starts in, and the ways of running async tests disagree about who runs async
+fixtures (pytest-asyncio strict or auto mode, anyio's plugin). A sync fixture works the same
+under all of them; the manager starts inside the test, on the test's loop. Setup:
 
 * pytest-asyncio, strict mode: mark the tests (``pytestmark = pytest.mark.asyncio``);
 * pytest-asyncio, auto mode (``asyncio_mode = "auto"``): nothing;
-* anyio: ``pytestmark = pytest.mark.anyio`` (``anyio_backend`` is ``"asyncio"`` by default;
-  ``("asyncio", {"use_uvloop": True})`` for uvloop). offload needs asyncio: under
-  ``anyio_backend = "trio"`` the fixtures skip the test.
+* anyio: ``pytestmark = pytest.mark.anyio``, and an ``anyio_backend`` fixture returning
+  ``"asyncio"``, ``("asyncio", {"use_uvloop": True})`` or ``"trio"`` (or parametrized over
+  them): offload runs on each.
+
+Nothing here knows which event loop runs: the manager starts through anyio, and its
+background task is spawned through offload's runtime seam.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
+import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Self, TypeVar
 
+import anyio
 import pytest
 
 from ._manager import WorkerManager
+from ._runtime import Runtime, current_runtime
 
 __all__ = ("DEFAULTS", "ManagerFactory", "worker_manager", "worker_manager_factory")
+
+log = logging.getLogger("offload")
 
 R = TypeVar("R")
 
@@ -61,6 +76,8 @@ DEFAULTS: Final[dict[str, Any]] = {"workers": 2, "shutdown_grace": 5.0}
 
 _THREAD_PREFIX: Final = "offload-interpreter"
 _WORKER_MARK: Final = "offload._offload_worker.boot"  # in every process worker's command line
+#: The longest the fixture waits for a left-running manager to shut down (seconds).
+_SHUTDOWN_WAIT: Final = 30.0
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -77,51 +94,78 @@ class _TestManager(WorkerManager):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.seen_pids: set[int] = set()
-        self.loop: asyncio.AbstractEventLoop | None = None
+        #: The runtime of the loop it started in (``None``: never started).
+        self.runtime: Runtime | None = None
+        #: ``shutdown`` returned: every worker has exited.
         self.finished = False
-        self._starting: asyncio.Future[None] | None = None
-        self._guard: asyncio.Task[None] | None = None
+        self._started: anyio.Event | None = None
+        self._start_error: BaseException | None = None
+        self._released: anyio.Event | None = None
 
-    async def start(self) -> _TestManager:
-        if self._starting is not None and not self.closed:  # started on first use already
-            await asyncio.shield(self._starting)
+    @property
+    def started(self) -> bool:
+        return self.runtime is not None
+
+    async def start(self) -> Self:
+        if self._started is not None and not self.closed:  # started on first use already
+            await self._wait_started()
             return self
-        self.loop = asyncio.get_running_loop()
-        self._starting = self.loop.create_future()
+        runtime = current_runtime()
+        started = self._started = anyio.Event()
         try:
             await super().start()
         except BaseException as exc:
             self.finished = True  # a failed start stops what it started
-            self._starting.set_exception(exc)
-            self._starting.exception()  # retrieved: only the caller needs to hear it
+            self._start_error = exc
             raise
-        self._starting.set_result(None)
+        finally:
+            self.runtime = runtime
+            started.set()
         self._note_pids()
-        # Shut down in this loop when its runner closes, if the test has not done it.
-        self._guard = self.loop.create_task(self._shutdown_when_cancelled())
+        # Shut down in this loop when its runner ends, if the test has not done it.
+        self._released = anyio.Event()
+        runtime.spawn_system_task(self._guard, name=f"offload-test-guard-{id(self):x}")
         return self
 
-    async def _shutdown_when_cancelled(self) -> None:
+    async def _wait_started(self) -> None:
+        assert self._started is not None
+        await self._started.wait()
+        if self._start_error is not None:
+            raise RuntimeError(
+                f"this manager failed to start ({type(self._start_error).__name__}: "
+                f"{self._start_error})"
+            ) from self._start_error
+
+    async def _guard(self) -> None:
+        """Waits in the background; when the loop's runner cancels it (the loop is ending) and
+        the manager was never shut down, shuts it down there (a system task: never raises)."""
+        released = self._released
+        assert released is not None
         try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            if not self.finished:
-                await self.shutdown(grace=0)
+            await released.wait()
+        except anyio.get_cancelled_exc_class():
+            # Not if a shutdown already began (the test's own, or the manager's own
+            # emergency stop when its background service saw the loop end first).
+            if not self.closed:
+                with anyio.move_on_after(_SHUTDOWN_WAIT, shield=True):
+                    try:
+                        await self.shutdown(grace=0)
+                    except Exception:
+                        log.exception("offload: shutting down a test's manager failed")
             raise
 
     async def shutdown(self, grace: float | None = None) -> None:
         self._note_pids()
         await super().shutdown(grace)
         self.finished = True  # shutdown returned: every worker has exited
-        guard, self._guard = self._guard, None
-        if guard is not None and guard is not asyncio.current_task():
-            guard.cancel()
+        if self._released is not None:
+            self._released.set()
 
     async def _ensure_started(self) -> None:
-        if self._starting is None:
+        if self._started is None:
             await self.start()
         else:
-            await asyncio.shield(self._starting)
+            await self._wait_started()
         self._note_pids()
 
     # Forwards everything unchanged; a test's type checker sees WorkerManager.run.
@@ -129,12 +173,20 @@ class _TestManager(WorkerManager):
         await self._ensure_started()
         return await super().run(fn, *args, **kwargs)
 
-    async def execute_task(self, task: Any) -> Any:
+    async def execute_task(self, task: Any, **kwargs: Any) -> Any:
         await self._ensure_started()
-        return await super().execute_task(task)
+        return await super().execute_task(task, **kwargs)
 
     def _note_pids(self) -> None:
         self.seen_pids.update(self.worker_pids())
+
+
+async def _shutdown_all(managers: Sequence[WorkerManager]) -> None:
+    """Shut ``managers`` down at once, in the loop they run in (``grace=0``)."""
+    with anyio.move_on_after(_SHUTDOWN_WAIT, shield=True):
+        async with anyio.create_task_group() as tg:
+            for wm in managers:
+                tg.start_soon(wm.shutdown, 0)
 
 
 class ManagerFactory:
@@ -157,24 +209,33 @@ class ManagerFactory:
         self.managers.append(wm)
         return wm
 
-    def close(self) -> list[str]:
-        """Shut down what is still running (where its loop allows), then list leftovers.
+    def left_running(self) -> list[WorkerManager]:
+        """The managers that started and whose shutdown has not begun."""
+        return [
+            wm
+            for wm in self.managers
+            if isinstance(wm, _TestManager) and wm.started and not wm.closed
+        ]
 
-        Returns one line per problem: a manager that could not be shut down, a worker
-        process or interpreter thread still alive. Survivors are killed.
+    def shut_down_left(self, run: Callable[[Sequence[WorkerManager]], None]) -> None:
+        """Shut down the managers left running: ``run(managers)`` must run
+        ``_shutdown_all(managers)`` in the loop they run in (the test's)."""
+        left = self.left_running()
+        if left:
+            run(left)
+
+    def close(self) -> list[str]:
+        """List what is left: managers still running (their loop outlives the test), worker
+        processes or interpreter threads still alive. Survivors are killed.
+
+        Returns one line per problem.
         """
-        problems = []
-        for wm in self.managers:
-            assert isinstance(wm, _TestManager)
-            if wm.loop is None:
-                continue  # never started
-            if not wm.finished and not wm.loop.is_closed() and not wm.loop.is_running():
-                wm.loop.run_until_complete(wm.shutdown(grace=0))
-            if not wm.finished:
-                problems.append(
-                    f"{wm!r} was never shut down and its event loop is gone; use "
-                    "`async with` (or await wm.shutdown()) inside the test"
-                )
+        problems = [
+            f"{wm!r} was left running, and its event loop outlives the test (a wider "
+            "loop scope) so it could not be shut down from here; use `async with` (or await "
+            "wm.shutdown()) inside the test"
+            for wm in self.left_running()
+        ]
         known = {pid for wm in self.managers for pid in getattr(wm, "seen_pids", ())}
         alive = sorted({pid for pid in known if _alive(pid)} | _worker_children())
         alive = [pid for pid in alive if pid not in self._children_before]
@@ -183,6 +244,8 @@ class ManagerFactory:
             for pid in alive:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
+            for pid in alive:
+                _reap(pid, block=True)
         threads = sorted(_interpreter_threads() - self._threads_before)
         if threads:
             problems.append(f"interpreter worker threads still alive after shutdown: {threads}")
@@ -234,7 +297,10 @@ def _proc_worker_children(script: str) -> set[int]:
 
 
 def _alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie, dead but not reaped, counts as alive)."""
+    """Whether ``pid`` is a live process. A child of ours that is dead but not reaped (a
+    zombie: the loop that owned it ended before it heard of the exit) is reaped here."""
+    if _reap(pid, block=False):
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -244,16 +310,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _skip_unless_asyncio(request: pytest.FixtureRequest) -> None:
+def _reap(pid: int, *, block: bool) -> bool:
+    """Reap ``pid`` if it is an exited child of this process; whether it was (or is gone)."""
+    try:
+        done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
+    except ChildProcessError:  # not our child (or reaped already)
+        return False
+    except OSError:
+        return False
+    return done == pid
+
+
+@contextlib.contextmanager
+def _anyio_runner(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """anyio's test runner for this test, held open until the fixture's teardown (``None``
+    when the test is not run by anyio's plugin)."""
     if "anyio_backend" not in request.fixturenames:
+        yield None
         return
-    backend = request.getfixturevalue("anyio_backend")
-    name = backend[0] if isinstance(backend, tuple) else backend
-    if name != "asyncio":
-        pytest.skip(
-            f"offload runs on asyncio only (add_reader on pipes, asyncio futures); "
-            f"anyio_backend={name!r} is not supported"
-        )
+    from anyio.pytest_plugin import extract_backend_and_options, get_runner
+
+    name, options = extract_backend_and_options(request.getfixturevalue("anyio_backend"))
+    with get_runner(name, options) as runner:
+        yield runner
 
 
 @pytest.fixture
@@ -266,10 +345,14 @@ def worker_manager_factory(request: pytest.FixtureRequest) -> Iterator[ManagerFa
     ...     async with worker_manager_factory(workers=1, max_queue=0) as wm:
     ...         assert len(wm.worker_pids()) == 1
     """
-    _skip_unless_asyncio(request)
     factory = ManagerFactory(shutdown_grace=DEFAULTS["shutdown_grace"])
-    yield factory
-    problems = factory.close()
+    with _anyio_runner(request) as runner:
+        yield factory
+        if runner is not None:
+            factory.shut_down_left(
+                lambda left: runner.run_fixture(_shutdown_all, {"managers": left})
+            )
+    problems = factory.close()  # after anyio's runner (if the last lease) ended the loop
     if problems:
         pytest.fail("offload: " + "; ".join(problems), pytrace=False)
 

@@ -45,7 +45,7 @@ class Records:
 async def wait_for_workers(wm: WorkerManager, count: int, within: float = 5.0) -> None:
     """Until ``count`` workers are ready (a replacement may still be starting); bounded."""
     async with asyncio.timeout(within):
-        while wm.stats().workers != count:  # noqa: ASYNC110  (no event to wait on)
+        while wm.stats().workers != count:
             await asyncio.sleep(0.005)
 
 
@@ -53,7 +53,7 @@ async def wait_until_settled(wm: WorkerManager, within: float = 5.0) -> None:
     """Until every accepted task has its outcome (a killed worker is reaped after the caller
     heard CancelledError, so its record may come a little later); bounded."""
     async with asyncio.timeout(within):
-        while (stats := wm.stats()).finished != stats.submitted:  # noqa: ASYNC110
+        while (stats := wm.stats()).finished != stats.submitted:
             await asyncio.sleep(0.005)
 
 

@@ -103,7 +103,10 @@ class Connection:
     # -- sending -------------------------------------------------------------------------------
 
     def send(
-        self, wire_id: int, tag: int, payload: bytes | memoryview | list[memoryview] = b"",
+        self,
+        wire_id: int,
+        tag: int,
+        payload: bytes | memoryview | list[memoryview] = b"",
         seconds: float = 0.0,
     ) -> None:
         """Send a frame (``payload`` may come in parts)."""

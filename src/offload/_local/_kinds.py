@@ -53,7 +53,7 @@ class Handle(abc.ABC):
     def exit_note(self) -> str:
         """How it ended, for messages (``" (killed by SIGSEGV)"``), if known."""
 
-    def reaped(self) -> None:
+    def reaped(self) -> None:  # noqa: B027  (most kinds have nothing to clean up)
         """It has ended: clean up after it (kill what it left behind, join its thread)."""
 
     def rss(self) -> int | None:
@@ -138,7 +138,7 @@ class ProcessKind(LocalKind):
         # Popen (vfork+exec) takes about a millisecond: cheaper than a thread hop. The worker
         # leads its own process group, so a stop kills what its task started too, and Ctrl-C
         # at a terminal (sent to the foreground group) reaches only the application.
-        process = subprocess.Popen(  # noqa: ASYNC220
+        process = subprocess.Popen(
             boot.command(*fds),
             pass_fds=(*fds, *shared),
             stdin=subprocess.DEVNULL,
@@ -164,6 +164,7 @@ def _watch_exit(runtime: Runtime, handle: _ProcessHandle, on_exit: Callable[[], 
     try:
         pidfd = os.pidfd_open(process.pid)
     except (AttributeError, OSError):  # not Linux >= 5.3: a thread waits instead
+
         def wait() -> None:
             process.wait()
             runtime.call_soon_threadsafe(done)

@@ -23,8 +23,7 @@ import itertools
 import logging
 import random
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import anyio
@@ -32,7 +31,8 @@ import anyio.abc
 
 from .._backend import BackendStats, Outcome, OutcomeKind, OutcomeSink, Ticket
 from .._config import Config
-from .._runtime import Runtime, Waiter
+from .._runtime import Runtime
+from .._spawn import Spawner
 from .._stats import WorkerInfo
 from ..errors import OffloadError, WorkerStartFailed
 from ._connection import Batch
@@ -84,10 +84,9 @@ class LocalPool:
         self._tg: anyio.abc.TaskGroup | None = None
         self._batch = Batch(self._after_pass)
         self._all_gone: anyio.Event | None = None
-        # Background work asked for from loop callbacks (no task there to start it from): the
+        # Background work asked for from loop callbacks (no task there to start it from): a
         # supervisor task starts it in the manager's task group.
-        self._spawns: deque[tuple[Callable[..., Awaitable[None]], tuple[Any, ...]]] = deque()
-        self._spawn_waiter: Waiter | None = None
+        self._spawner: Spawner | None = None
 
     def __repr__(self) -> str:
         return f"<LocalPool {self.kind} {len(self.active)}/{self.target}>"
@@ -102,6 +101,7 @@ class LocalPool:
         fails, stop the others and raise."""
         self._runtime = runtime
         self._tg = tg
+        self._spawner = Spawner(runtime)
         failures: list[BaseException] = []
 
         async def one() -> None:
@@ -120,7 +120,7 @@ class LocalPool:
         if failures:
             await self.aclose(0)
             raise failures[0]
-        tg.start_soon(self._supervise)
+        tg.start_soon(self._spawner.run, tg)
         for _ in range(self._spare_count):
             self._spawn_spare()
         if self._config.health_interval:
@@ -145,32 +145,22 @@ class LocalPool:
         self._capacity()
         return worker
 
-    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         """Run ``fn(*args)`` in the background (callable from loop callbacks)."""
-        self._spawns.append((fn, args))
-        if self._spawn_waiter is not None:
-            self._spawn_waiter.fire()
-
-    async def _supervise(self) -> None:
-        assert self._runtime is not None and self._tg is not None
-        while not self.closing:
-            waiter = self._spawn_waiter = self._runtime.waiter()
-            while self._spawns:
-                fn, args = self._spawns.popleft()
-                self._tg.start_soon(fn, *args)
-            await waiter.wait()
+        if self._spawner is not None:
+            self._spawner.spawn(fn, *args)
 
     def _spawn_spare(self) -> None:
         if self.closing or self._tg is None:
             return
         self._starting_spares += 1
-        self._spawn(self._start_in_background, True)
+        self.spawn(self._start_in_background, True)
 
     def _spawn_worker(self) -> None:
         if self.closing or self._tg is None:
             return
         self._starting += 1
-        self._spawn(self._start_in_background, False)
+        self.spawn(self._start_in_background, False)
 
     async def _start_in_background(self, spare: bool) -> None:
         """Start a worker, backing off (with jitter) while starts fail."""
@@ -179,7 +169,7 @@ class LocalPool:
                 try:
                     await self._start_worker(spare=spare)
                 except OffloadError as exc:
-                    if self.closing:
+                    if self._closing_now():
                         return  # stopped by the pool's own shutdown
                     self._start_failures += 1
                     delay = min(5.0, 0.05 * 2**self._start_failures) * (0.5 + random.random())
@@ -190,7 +180,7 @@ class LocalPool:
                             WorkerStartFailed(
                                 f"no {self.kind} worker could be started ({exc}); "
                                 "the queued tasks cannot run"
-                            )
+                            ),
                         )
                     await anyio.sleep(delay)
                 else:
@@ -201,6 +191,10 @@ class LocalPool:
                 self._starting_spares -= 1
             else:
                 self._starting -= 1
+
+    def _closing_now(self) -> bool:
+        """(read again after an await: shutdown may have begun meanwhile)"""
+        return self.closing
 
     def _refill(self) -> None:
         """Fill empty slots: a spare now, else a new worker; keep the spares topped up."""
@@ -225,9 +219,8 @@ class LocalPool:
         """Stop every worker: idle ones exit at once; any still running after ``grace``
         seconds are killed (processes) or abandoned (interpreters stuck in a call)."""
         self.closing = True
-        self._spawns.clear()
-        if self._spawn_waiter is not None:
-            self._spawn_waiter.fire()
+        if self._spawner is not None:
+            self._spawner.close()
         self.active, self.spares = [], []
         alive = self._alive()
         for worker in alive:
@@ -248,7 +241,8 @@ class LocalPool:
 
     def _alive(self) -> list[LocalWorker]:
         return [
-            w for w in self._launched
+            w
+            for w in self._launched
             if w.state is not WorkerState.GONE and w.handle is not None and not w.exit_seen
         ]
 
@@ -276,7 +270,7 @@ class LocalPool:
         """Take ``ticket`` now if a worker has room: an idle one, else (short work) a busy one
         with little work ahead."""
         for worker in self.active:
-            if not worker.held and worker.state is WorkerState.READY:
+            if not worker.busy and worker.state is WorkerState.READY:
                 self._send(worker, ticket)
                 return True
         cost = ticket.cost
@@ -337,15 +331,19 @@ class LocalPool:
         if final:
             if self._where.get(ticket.key) is worker:
                 del self._where[ticket.key]
-            if worker.state is WorkerState.DRAINING and not worker.held:
+            if worker.state is WorkerState.DRAINING and not worker.busy:
                 worker.quit()
             self._batch.dirty = True
         assert self._sink is not None
-        self._batch.begin()
+        batch = self._batch
+        if batch.depth:  # inside a read pass already (the usual case): it ends the batch
+            self._sink.on_outcome(ticket, outcome)
+            return
+        batch.begin()
         try:
             self._sink.on_outcome(ticket, outcome)
         finally:
-            self._batch.end()
+            batch.end()
 
     def _capacity(self) -> None:
         if self._sink is not None:
@@ -358,7 +356,7 @@ class LocalPool:
         what waits behind a task that overran its estimate."""
         assert self._sink is not None
         self._sink.on_capacity()
-        if any(not w.held for w in self.active):
+        if any(not w.busy for w in self.active):
             self._rebalance()
 
     def _rebalance(self) -> None:
@@ -388,7 +386,7 @@ class LocalPool:
         worker.state = WorkerState.DRAINING
         self.retiring.add(worker)
         self._refill()
-        if not worker.held:
+        if not worker.busy:
             worker.quit()
 
     def lost(self, worker: LocalWorker) -> None:
@@ -421,12 +419,13 @@ class LocalPool:
     async def _check_health(self) -> None:
         """Ping idle workers; one that does not answer in time is hung: replace it."""
         config = self._config
-        assert config.health_interval is not None and self._runtime is not None
+        assert config.health_interval is not None
+        assert self._runtime is not None
         while not self.closing:
             await anyio.sleep(config.health_interval)
             now = self._runtime.now()
             for worker in [*self.active, *self.spares]:
-                if worker.held:  # busy: deadlines watch it; ping again once it is idle
+                if worker.busy:  # deadlines watch it; ping again once it is idle
                     worker.ping_sent = None
                     continue
                 if worker.ping_sent is not None:
@@ -451,14 +450,15 @@ class LocalPool:
     async def _retire_idle(self) -> None:
         """Retire workers idle longer than ``idle_timeout`` (down to ``min_workers``)."""
         timeout = self._idle_timeout
-        assert timeout is not None and self._runtime is not None
+        assert timeout is not None
+        assert self._runtime is not None
         while not self.closing:
             await anyio.sleep(min(timeout / 2, 1.0))
             now = self._runtime.now()
             for worker in list(self.active):
                 if len(self.active) <= self.min_workers:
                     break
-                if not worker.held and now - worker.last_active >= timeout:
+                if not worker.busy and now - worker.last_active >= timeout:
                     self.retired += 1
                     self.target = max(self.min_workers, self.target - 1)
                     self._retire(worker)
@@ -466,7 +466,7 @@ class LocalPool:
     # -- statistics ----------------------------------------------------------------------------
 
     def statistics(self) -> BackendStats:
-        busy = sum(1 for w in self.active if w.held)
+        busy = sum(1 for w in self.active if w.busy)
         holding = sum(len(w.held) - len(w.absorbed) for w in (*self.active, *self.retiring))
         return BackendStats(
             kind=self.kind,
@@ -496,7 +496,7 @@ class LocalPool:
             elif worker.state is WorkerState.STARTING:
                 state = "starting"
             else:
-                state = "busy" if worker.held else "idle"
+                state = "busy" if worker.busy else "idle"
             infos.append(
                 WorkerInfo(
                     id=worker.number,

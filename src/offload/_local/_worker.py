@@ -10,6 +10,7 @@ started and goes back (``RETURNED``).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -22,7 +23,7 @@ import anyio
 from .._backend import Outcome, OutcomeKind, Ticket
 from .._offload_worker import codec, protocol, ring
 from .._offload_worker.arena import Arena
-from .._offload_worker.codec import Payload
+from .._offload_worker.codec import OFFLOOP_BYTES, Payload
 from .._runtime import Runtime
 from ..errors import WorkerStartFailed
 from ._connection import Batch, Connection, grow_pipe
@@ -65,7 +66,11 @@ class LocalWorker:
         self.held: dict[int, Ticket] = {}  # wire id -> ticket, in the order sent
         self.absorbed: set[int] = set()  # stopped already reported: swallow their answers
         self.stopping: set[int] = set()  # STOP sent, outcome not known yet
+        self.taking_back: set[int] = set()  # TAKE_BACK sent (REVOKED, or it runs here)
         self.killed_for: set[int] = set()  # killed to stop these
+        # Tickets whose big buffers are being copied into an arena in a thread (ticket key ->
+        # ticket, arena number); each gets its wire id when its frame is written.
+        self.writing: dict[int, tuple[Ticket, int]] = {}
         self.spare = False
         self.tasks_done = 0
         self.failures = 0
@@ -178,24 +183,73 @@ class LocalWorker:
 
     # -- work ------------------------------------------------------------------------------
 
+    @property
+    def busy(self) -> bool:
+        """It holds something: running, waiting, or being copied in."""
+        return bool(self.held) or bool(self.writing)
+
     def send(self, ticket: Ticket) -> None:
         """Send ``ticket`` to run here (after what it holds)."""
         assert self.connection is not None
+        payload = ticket.payload
+        if (
+            isinstance(payload, Payload)
+            and payload.size >= OFFLOOP_BYTES
+            and not ticket.via_pipe
+            and None in self._holder
+        ):
+            # A big copy must not block the event loop: a thread writes the arena, and the
+            # frame goes out when it is done (see _write_then_send).
+            number = self._holder.index(None)
+            self._holder[number] = -ticket.key  # reserved
+            if not self.busy:
+                self.busy_since = self.runtime.now()
+            self.writing[ticket.key] = (ticket, number)
+            self.sent += 1
+            self.pool.spawn(self._write_then_send, ticket, number)
+            return
+        self._send_now(ticket)
+
+    async def _write_then_send(self, ticket: Ticket, number: int) -> None:
+        payload = ticket.payload
+        assert isinstance(payload, Payload)
+        try:
+            body: list[memoryview] | None = await anyio.to_thread.run_sync(
+                payload.parts, self._to_worker[number], number
+            )
+        except (OSError, ValueError):  # the arena could not grow (memory): inline then
+            body = None
+        self._holder[number] = None
+        if self.writing.pop(ticket.key, None) is None or self.state is WorkerState.GONE:
+            return  # stopped (or the worker ended) meanwhile: already reported
+        if body is None:
+            ticket.via_pipe = True
+        self._send_now(ticket, body, number if body is not None else None)
+
+    def _send_now(
+        self, ticket: Ticket, body: list[memoryview] | None = None, arena: int | None = None
+    ) -> None:
+        assert self.connection is not None
         self._next_wire += 1
         wire = self._next_wire
-        now = self.runtime.now()
         if not self.held:
-            self.busy_since = now
+            if not self.writing:
+                self.busy_since = self.runtime.now()
         else:
             self.ahead_cost += ticket.cost or 0.0
         self.held[wire] = ticket
-        self.sent += 1
+        if body is None:
+            self.sent += 1
         payload = ticket.payload
         if ticket.stream:
             tag, seconds = protocol.RUN_STREAM, float(ticket.credit)
         else:
             tag, seconds = protocol.RUN, -1.0 if ticket.cost is None else ticket.cost
-        if isinstance(payload, Payload):
+        if body is not None:  # written into arena ``arena`` off the loop
+            assert arena is not None
+            self._holder[arena] = wire
+            self.connection.send(wire, tag | protocol.OOB, body, seconds)
+        elif isinstance(payload, Payload):
             body = self._place(wire, payload, inline=ticket.via_pipe)
             self.connection.send(wire, tag | protocol.OOB, body, seconds)
         else:
@@ -240,6 +294,10 @@ class LocalWorker:
 
     def stop(self, ticket: Ticket, interrupt_grace: float) -> None:
         """Make sure ``ticket`` (held here) never starts, or stop it if it runs."""
+        if self.writing.pop(ticket.key, None) is not None:  # not sent yet: it never runs
+            self.batch.dirty = True
+            self.pool.report(self, ticket, Outcome(OutcomeKind.STOPPED))
+            return
         wire = self.wire_of(ticket)
         if wire is None or wire in self.absorbed or wire in self.stopping:
             return
@@ -266,9 +324,13 @@ class LocalWorker:
 
     def take_back(self, ticket: Ticket) -> None:
         """Ask for ``ticket`` (waiting here) back: ``REVOKED`` comes if it had not begun."""
+        if self.writing.pop(ticket.key, None) is not None:
+            self.batch.dirty = True
+            self.pool.report(self, ticket, _RETURNED)
+            return
         wire = self.wire_of(ticket)
-        if wire is not None and wire not in self.stopping and wire not in self.absorbed:
-            self.stopping.add(wire)
+        if wire is not None and wire not in self.stopping and wire not in self.taking_back:
+            self.taking_back.add(wire)
             self._control(protocol.TAKE_BACK, wire)
 
     def credit(self, ticket: Ticket, items: int) -> None:
@@ -289,10 +351,8 @@ class LocalWorker:
 
     def _control(self, op: int, wire: int, value: int = 0) -> None:
         if self._control_fd >= 0:
-            try:
+            with contextlib.suppress(OSError):  # gone: its exit is seen on its own
                 os.write(self._control_fd, protocol.control_word(op, wire, value))
-            except OSError:
-                pass  # gone: its exit is seen on its own
 
     # -- answers -------------------------------------------------------------------------------
 
@@ -330,8 +390,12 @@ class LocalWorker:
         ticket = self.held.get(wire)
         if base == protocol.PROGRESS or base == protocol.ITEM:
             if ticket is not None and wire not in self.absorbed:
-                outcome = self._decoded(OutcomeKind.ITEM if base == protocol.ITEM else
-                                        OutcomeKind.PROGRESS, tag, payload, seconds)
+                outcome = self._decoded(
+                    OutcomeKind.ITEM if base == protocol.ITEM else OutcomeKind.PROGRESS,
+                    tag,
+                    payload,
+                    seconds,
+                )
                 self.pool.report(self, ticket, outcome)
             else:
                 self._discard(tag, payload)
@@ -365,6 +429,7 @@ class LocalWorker:
         self.batch.dirty = True  # room for more
         self._free_arena_of(wire)
         self.stopping.discard(wire)
+        self.taking_back.discard(wire)
         now = self.runtime.now()
         self.last_active = now
         if not self.held:
@@ -384,33 +449,45 @@ class LocalWorker:
                 outcome.release()
 
     def _decoded(self, kind: OutcomeKind, tag: int, payload: memoryview, seconds: float) -> Outcome:
-        """An outcome for an answer frame, its out-of-band buffers mapped (``release()`` them)."""
+        """An outcome for an answer frame. Out-of-band buffers inline in the frame come with
+        it; those in the outbound arena are read by ``outcome.load()`` (in a thread, when big:
+        the dispatcher decides), and ``outcome.release()`` frees the arena after."""
         if not tag & protocol.OOB:
             return Outcome(kind, tag, payload, seconds)
-        arenas = [self._from_worker] if self._from_worker is not None else []
-        try:
-            data, buffers, held = codec.decode_body(payload, arenas)
-        except Exception as exc:  # e.g. no memory to map the arena: the task must hear
-            why = (type(exc).__name__, f"its buffers could not be mapped here: {exc}")
-            return Outcome(kind, protocol.RESULT_NOT_SERIALIZABLE, pickle.dumps(why), seconds)
-        in_arena = held is not None
+        tag &= ~protocol.OOB
+        if codec.body_arena(payload) is None:
+            data, buffers, _ = codec.decode_body(payload, [])
+
+            def release() -> None:
+                codec.release(buffers, None)
+
+            return Outcome(kind, tag, data, seconds, buffers=buffers, release=release)
+        arena = self._from_worker
+
+        def load() -> tuple[memoryview, list[Any]]:
+            data, buffers, _ = codec.decode_body(payload, [arena] if arena is not None else [])
+            return data, buffers
+
         return Outcome(
             kind,
-            tag & ~protocol.OOB,
-            data,
+            tag,
+            payload,
             seconds,
-            buffers=buffers,
-            release=lambda: self._release(buffers, held, in_arena),
+            loader=load,
+            size=codec.body_size(payload),
+            release=self._arena_read,
         )
 
-    def _release(self, buffers: list[Any], held: memoryview | None, in_arena: bool) -> None:
-        if codec.release(buffers, held) and in_arena and self._ring is not None:
-            if self._from_worker is not None:
-                self._from_worker.shrink()
-            self._answers_read += 1
-            self._ring.set(ring.ACKED, self._answers_read)  # else never again: inline then
-            if self._ring.flag(ring.WAITING):
-                self._control(protocol.WAKE, 0)
+    def _arena_read(self) -> None:
+        """An answer's buffers were read out of the outbound arena: the worker may reuse it."""
+        if self._ring is None:
+            return
+        if self._from_worker is not None:
+            self._from_worker.shrink()
+        self._answers_read += 1
+        self._ring.set(ring.ACKED, self._answers_read)
+        if self._ring.flag(ring.WAITING):
+            self._control(protocol.WAKE, 0)
 
     def _free_arena_of(self, wire: int) -> None:
         for number, holder in enumerate(self._holder):
@@ -495,6 +572,9 @@ class LocalWorker:
         it); every other ticket it held never started and goes back."""
         current = self.current()
         note = self.handle.exit_note() if self.handle is not None else ""
+        for ticket, _ in list(self.writing.values()):  # never sent: they never started
+            self.pool.report(self, ticket, _RETURNED)
+        self.writing.clear()
         for wire, ticket in list(self.held.items()):
             self._forget(wire, ticket)
             if wire in self.absorbed:
@@ -512,10 +592,8 @@ class LocalWorker:
         if self.connection is not None:
             self.connection.close()
         if self._control_fd >= 0:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self._control_fd)
-            except OSError:
-                pass
             self._control_fd = -1
         self._close_shared()
 
@@ -529,4 +607,3 @@ class LocalWorker:
     def running_ticket(self) -> Ticket | None:
         wire = self.current()
         return self.held.get(wire) if wire else None
-

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 SHARED_MIN: Final = 1 << 16  # buffers from this size up travel out of band
 INLINE: Final = 255  # arena number of a body whose buffers follow its pickle in the frame
+#: Buffers of at least this many bytes are copied (into, and out of, an arena) off the event
+#: loop, in a thread: a 100 MiB copy takes 20-130 ms, far over a loop's budget.
+OFFLOOP_BYTES: Final = 8 << 20
 _BODY: Final = struct.Struct("<BI")  # arena number, buffer count; then a <Q size and a flag each
 #: Longest exception message or traceback text sent for display (the exception itself, when it
 #: pickles within the payload cap, keeps its full message).
@@ -73,9 +76,10 @@ def clip(text: str, limit: int = MAX_TEXT) -> str:
     """``text``, cut to ``limit`` characters with a note of how much was left out."""
     if len(text) <= limit:
         return text
-    return f"{text[: limit // 2]}\n... ({len(text) - limit} characters left out) ...\n" + text[
-        -limit // 2 :
-    ]
+    return (
+        f"{text[: limit // 2]}\n... ({len(text) - limit} characters left out) ...\n"
+        + text[-limit // 2 :]
+    )
 
 
 def raised_payload(exc: BaseException, limit: int) -> bytes:
@@ -180,6 +184,23 @@ class Payload:
             return parts + self.buffers
         arena.write(self.buffers)
         return parts
+
+
+def _refuse_buffer(buffer: pickle.PickleBuffer) -> bool:
+    raise _HasBuffers
+
+
+class _HasBuffers(Exception):
+    """An object pickled a ``PickleBuffer``: it needs ``encode``'s out-of-band path."""
+
+
+def dumps_plain(obj: Any) -> bytes | Payload:
+    """``encode(obj)`` for an ``obj`` that holds no bytes, bytearray or memoryview where
+    ``encode`` looks: one plain pickle, unless something in it pickles a ``PickleBuffer``."""
+    try:
+        return pickle.dumps(obj, PICKLE_PROTOCOL, buffer_callback=_refuse_buffer)
+    except (_HasBuffers, TypeError):  # (TypeError: a memoryview deep inside: encode copes)
+        return encode(obj, True, depth=0)
 
 
 def encode(
@@ -309,6 +330,12 @@ def _immutable(buffer: bytes | bytearray | memoryview) -> bool:
     if type(buffer) is bytes:
         return True
     return type(buffer) is memoryview and type(buffer.obj) is bytes
+
+
+def body_size(body: memoryview) -> int:
+    """Bytes of out-of-band buffers a body carries."""
+    _, count = _BODY.unpack_from(body)
+    return sum(struct.unpack_from(f"<{count}Q", body, _BODY.size))
 
 
 def body_arena(body: memoryview) -> int | None:

@@ -43,8 +43,16 @@ RING: Final = 24  # doorbell: answers wait in the ring (the parent reads up to i
 
 #: Tags that end a task: after one of them the wire id is never heard of again.
 FINAL: Final = frozenset(
-    {OK, RAISED, RESULT_NOT_SERIALIZABLE, RESULT_TOO_LARGE, LOAD_FAILED, REVOKED, INTERRUPTED,
-     MAP_FAILED}
+    {
+        OK,
+        RAISED,
+        RESULT_NOT_SERIALIZABLE,
+        RESULT_TOO_LARGE,
+        LOAD_FAILED,
+        REVOKED,
+        INTERRUPTED,
+        MAP_FAILED,
+    }
 )
 
 OOB: Final = 0x80  # tag bit: the payload is a body with out-of-band buffers (see codec.Payload)

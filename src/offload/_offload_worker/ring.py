@@ -24,6 +24,7 @@ worker's death: after a crash the parent reads them before it decides what the c
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -74,14 +75,10 @@ class Ring:
 
     def close(self) -> None:
         self.view.release()
-        try:
+        with contextlib.suppress(BufferError):  # a record view is still out: it keeps the map
             self.map.close()
-        except BufferError:  # a record view is still out: the map goes with it
-            pass
-        try:
+        with contextlib.suppress(OSError):
             os.close(self.fd)
-        except OSError:
-            pass
 
     # -- the control block -------------------------------------------------------------------
 

@@ -38,11 +38,11 @@ class _Progress:
 
     __slots__ = ("channel", "gate", "last_sent", "latest", "started", "wire_id")
 
-    def __init__(self, channel: Channel, gate: Gate, wire_id: int) -> None:
+    def __init__(self, channel: Channel, gate: Gate, wire_id: int, started: float) -> None:
         self.channel = channel
         self.gate = gate
         self.wire_id = wire_id
-        self.started = time.monotonic()
+        self.started = started  # time.monotonic() when the task began
         self.last_sent = 0.0
         self.latest: tuple[float, float | None, str | None, float] | None = None
 
@@ -80,14 +80,20 @@ class _Progress:
         self.last_sent = now
 
 
-_progress: _Progress | None = None  # the task running on this thread, if any
+_progress: _Progress | None = None  # the running task's reporter, made on its first report
+#: The task running on this worker, if any: (channel, gate, wire id, monotonic start).
+_running: tuple[Channel, Gate, int, float] | None = None
 
 
 def report_progress(done: float, total: float | None = None, message: str | None = None) -> None:
     """Send a progress event for the task running here; nothing outside a worker's task."""
-    reporter = _progress
-    if reporter is None or threading.get_ident() != reporter.gate.target:
+    global _progress
+    running = _running
+    if running is None or threading.get_ident() != running[1].target:
         return
+    reporter = _progress
+    if reporter is None or reporter.wire_id != running[2]:
+        reporter = _progress = _Progress(*running)
     if isinstance(done, bool) or not isinstance(done, int | float):
         raise TypeError(f"done must be a number, not {type(done).__name__}")
     if total is not None and (isinstance(total, bool) or not isinstance(total, int | float)):
@@ -100,8 +106,9 @@ def report_progress(done: float, total: float | None = None, message: str | None
 class _Outbox:
     """Answers out: into the ring (announced later), or the pipe when too big or no ring."""
 
-    def __init__(self, channel: Channel, ring: ring_module.Ring | None, arena: Arena | None,
-                 gate: Gate) -> None:
+    def __init__(
+        self, channel: Channel, ring: ring_module.Ring | None, arena: Arena | None, gate: Gate
+    ) -> None:
         self.channel = channel
         self.ring = ring
         self.arena = arena
@@ -226,7 +233,7 @@ class _Worker:
 
     def _progress_due(self) -> float | None:
         reporter = _progress
-        return reporter.due() if reporter is not None else None
+        return reporter.due() if reporter is not None and _running is not None else None
 
     def _progress_flush(self) -> None:
         reporter = _progress
@@ -235,7 +242,6 @@ class _Worker:
 
     def loop(self) -> None:
         channel = self.channel
-        ring = self.ring
         while True:
             if not channel.frames:
                 self.outbox.announce()
@@ -354,18 +360,19 @@ class _Worker:
         stream: bool,
         credit: int,
     ) -> tuple[bytes | Payload, int, float]:
-        global _progress
+        global _running
         gate = self.gate
-        reporter = _progress = _Progress(self.channel, gate, wire_id)
+        _running = (self.channel, gate, wire_id, time.monotonic())
         started = time.perf_counter()
         try:
             try:
                 if stream:
-                    result = self._stream(wire_id, fn, args, kwargs, credit)
+                    self._stream(wire_id, fn, args, kwargs, credit)
+                    result = None
                 else:
                     result = fn(*args, **kwargs)
             finally:
-                locked(gate.lock, lambda: self._finishing(reporter))
+                locked(gate.lock, self._finishing)
         except Interrupted:
             return b"", p.INTERRUPTED, time.perf_counter() - started
         except _StreamEnd as end:
@@ -377,20 +384,24 @@ class _Worker:
         del fn, args, kwargs
         return self._encode(result, elapsed)
 
-    def _finishing(self, reporter: _Progress) -> None:
+    def _finishing(self) -> None:
         """The call is over: no interrupt may come from now on (the lock is held)."""
-        global _progress
+        global _progress, _running
         gate = self.gate
         gate.phase = FINISHING
-        _progress = None
-        reporter.flush()
+        _running = None
+        reporter, _progress = _progress, None
+        if reporter is not None:
+            reporter.flush()
         if gate.stopped_running and self.interruptible:
             set_async_exc(gate.target, None)  # drop an interrupt that came too late
 
     def _encode(self, result: Any, elapsed: float) -> tuple[bytes | Payload, int, float]:
         try:
-            depth = 2 if codec.may_hold_buffers((result,)) else 0
-            data = codec.encode(result, True, snapshot=False, depth=depth)  # sent at once
+            if codec.may_hold_buffers((result,)):
+                data = codec.encode(result, True, snapshot=False, depth=2)  # sent at once
+            else:
+                data = codec.dumps_plain(result)
         except BaseException as exc:
             return pickle.dumps(codec.describe(exc)), p.RESULT_NOT_SERIALIZABLE, elapsed
         if len(data) > self.limit:
@@ -461,9 +472,7 @@ def resident_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def serve(
-    rfd: int, wfd: int, ctl_fd: int, *, interruptible: bool, parent_pid: int | None
-) -> None:
+def serve(rfd: int, wfd: int, ctl_fd: int, *, interruptible: bool, parent_pid: int | None) -> None:
     """Run tasks until the parent says QUIT or closes the task pipe.
 
     ``interruptible``: a STOP of the running task raises an interrupt in it (interpreter

@@ -10,6 +10,7 @@ keeps its answer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
@@ -92,10 +93,8 @@ class Watcher:
             self.thread.join()
         for fd in (self._wake_r, self._wake_w, self.parent_fd):
             if fd is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
 
     def _run(self) -> None:
         poller = select.poll()

@@ -101,9 +101,7 @@ class DaskBackend:
     kind = "dask"
     supports_progress = False
 
-    def __init__(
-        self, spec: DaskKind, size: int, config: Config, settings: dict[str, Any]
-    ) -> None:
+    def __init__(self, spec: DaskKind, size: int, config: Config, settings: dict[str, Any]) -> None:
         self._spec = spec
         self._config = config
         self._size = size

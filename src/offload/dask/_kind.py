@@ -80,9 +80,7 @@ class DaskKind:
         where = self.address or ("a client" if self.client is not None else "a local cluster")
         return f"<DaskKind {where} isolate={self.isolate} in_flight={self.in_flight}>"
 
-    def create_backend(
-        self, size: int, config: Config, settings: dict[str, Any]
-    ) -> DaskBackend:
+    def create_backend(self, size: int, config: Config, settings: dict[str, Any]) -> DaskBackend:
         """The manager calls this once, when it starts: the backend for this kind's cluster.
 
         ``size``: the development cluster's worker count (``WorkerManager(workers=N)``);

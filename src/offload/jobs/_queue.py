@@ -11,8 +11,8 @@ from typing import Any, Self
 
 import anyio
 
-from .._task import Priority
 from .. import _registry as registry
+from .._task import Priority
 from ..errors import InvalidTask
 from ._errors import JobNotFound
 from ._model import (

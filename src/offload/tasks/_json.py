@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final, TypeAlias, TypeVar
 
-from .._registry import prepare_in_caller, task
+from .._registry import REGISTRY, prepare_in_caller, task
 from ..errors import InvalidInput
 from ._common import unpack
 
@@ -25,7 +25,7 @@ JSONValue: TypeAlias = Any
 Transformer = Callable[[JSONValue], JSONValue]
 T = TypeVar("T", bound=Transformer)
 
-_transformers: dict[str, Transformer] = {}
+_transformers = REGISTRY.transformers  # the one registry: task types and transformers
 _MAX_DEPTH: Final = 512
 
 
@@ -45,19 +45,10 @@ def json_transformer(name: str) -> Callable[[T], T]:
         raise ValueError("a transformer name must be a non-empty string")
 
     def register(fn: T) -> T:
-        existing = _transformers.get(name)
-        if existing is not None and existing is not fn and _ident(existing) != _ident(fn):
-            raise ValueError(
-                f"json transformer {name!r} is already registered to {_ident(existing)}"
-            )
-        _transformers[name] = fn
+        REGISTRY.add_transformer(name, fn)
         return fn
 
     return register
-
-
-def _ident(fn: Callable[..., Any]) -> str:
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}"
 
 
 def transformer_names() -> list[str]:
