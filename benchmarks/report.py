@@ -207,10 +207,21 @@ def summarise(
 
     if "cpu" in res:
         rows = {}
+        foreign = {
+            (e["system"], e["rep"]): e.get("foreign_cpu")
+            for e in raw
+            if e["scenario"] == "cpu" and "result" in e
+        }
         for s, reps in res["cpu"].items():
+            left = [
+                r["utilisation"] / (1.0 - f)
+                for rep, r in reps.items()
+                if (f := foreign.get((s, rep))) is not None and f < 0.9
+            ]
             rows[s] = {
                 "wall_s": _metric(res, "cpu", s, "wall_s"),
                 "utilisation": _metric(res, "cpu", s, "utilisation"),
+                "of_cpu_left": _med(left),
                 "task_cpu_ms": _metric(res, "cpu", s, "task_cpu_ms_median"),
                 "reps": len(reps),
             }
@@ -621,6 +632,7 @@ def render(summary: dict[str, Any], params: dict[str, Any]) -> str:
                 _label(s["rows"], name),
                 fmt(r["wall_s"], 3),
                 fmt(r["utilisation"], 2),
+                fmt(r.get("of_cpu_left"), 2),
                 fmt(r["task_cpu_ms"]),
                 _targets_cell(summary, "cpu", name),
             ]
@@ -629,9 +641,10 @@ def render(summary: dict[str, Any], params: dict[str, Any]) -> str:
         ]
         section(
             "cpu",
-            ["system", "wall s", "utilisation", "cpu/task ms", "targets"],
+            ["system", "wall s", "utilisation", "of CPU left", "cpu/task ms", "targets"],
             rows,
-            "utilisation = sum of in-task CPU time / (wall x 2 workers)",
+            "utilisation = sum of in-task CPU time / (wall x 2 workers); of CPU left = the same"
+            " / the share of the CPUs other processes left free during the measurement",
         )
 
     if "looplag" in summary:
