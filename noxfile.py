@@ -152,6 +152,24 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "benchmarks", *session.posargs)
 
 
+@nox.session(python="3.13", name="bench-3.13")
+def bench_313(session: nox.Session) -> None:
+    """The benchmarks on Python 3.13, with the subinterpreter systems: ``nox -s bench-3.13``."""
+    session.install("-e", ".[all]")
+    install_group(session, "bench")
+    session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session(python=False, name="bench-3.14")
+def bench_314(session: nox.Session) -> None:
+    """The benchmarks on Python 3.14 from Debian sid (``InterpreterPoolExecutor``), in the
+    chroot of ``.ci/py314.sh`` (root): ``nox -s bench-3.14 -- --json out.json``."""
+    check = subprocess.run(["bash", SID_SCRIPT, "check"], capture_output=True, text=True)
+    if check.returncode:
+        session.skip(check.stdout.strip() or check.stderr.strip())
+    session.run("bash", "benchmarks/sid.sh", *session.posargs, external=True)
+
+
 @nox.session(python="3.11", name="bench-jobs")
 def bench_jobs(session: nox.Session) -> None:
     """Durable jobs against huey and procrastinate: ``nox -s bench-jobs -- --quick``."""

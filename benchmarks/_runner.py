@@ -34,8 +34,16 @@ def run_scenario(system_cls: type[System], name: str, params: Params, loop: str)
     system = system_cls()
     system.load()
     t0 = time.perf_counter()
+    if system_cls.loop == "trio":
+        import trio
+
+        from benchmarks import _anyio_scenarios
+
+        result = trio.run(_anyio_scenarios.SCENARIOS[name], system, params)
+        result["runner_seconds"] = time.perf_counter() - t0
+        return result
     with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
-        result = runner.run(SCENARIOS[name](system, params))
+        result = runner.run(system.own_scenario(name, params) or SCENARIOS[name](system, params))
     result["runner_seconds"] = time.perf_counter() - t0
     return result
 
@@ -74,10 +82,17 @@ def main() -> None:
     # workers need, so that no scenario (startup above all) pays for a cold cache.
     # (Skipped with --quick, whose figures are not compared with anything.)
     warmup_error = None
-    if warm and system_cls.warm_cycle:
+    if warm and system_cls.warm_cycle and not system_cls.external:
         try:
-            with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
-                runner.run(asyncio.wait_for(_warm(system_cls()), 60))
+            if system_cls.loop == "trio":
+                import trio
+
+                from benchmarks._anyio_scenarios import warm as warm_on_anyio
+
+                trio.run(warm_on_anyio, system_cls())
+            else:
+                with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
+                    runner.run(asyncio.wait_for(_warm(system_cls()), 60))
         except BaseException as exc:
             warmup_error = f"{type(exc).__name__}: {exc}"[:300]
         _procs.kill_pids([p for p in _procs.descendants(os.getpid()) if not _procs.is_helper(p)])

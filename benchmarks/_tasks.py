@@ -105,3 +105,8 @@ async def a_sleep_heartbeat(
 ) -> str:
     # Deliberately blocking, like the sync version: the worker is busy, not awaiting.
     return sleep_heartbeat(total, heartbeat_path, done_path, step)
+
+
+def count_up(n: int) -> Any:
+    """Yield ``0 .. n-1``: the generator of the stream scenario (one trivial item each)."""
+    yield from range(n)

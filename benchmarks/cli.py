@@ -27,7 +27,7 @@ from typing import Any
 from . import _procs, report
 from ._tasks import calibrate_burn
 from .scenarios import ALL_SCENARIOS, Params, applies
-from .systems import SYSTEMS
+from .systems import SYSTEMS, Unavailable
 
 #: A measurement during which other processes used more than this share of the CPUs
 #: is flagged as contended.
@@ -46,13 +46,25 @@ class RunnerDied(Exception):
 class Runner:
     """One system's runner process and the pipe its answers come back on."""
 
-    def __init__(self, system: str, loop: str, logdir: str, warm: bool = True) -> None:
+    def __init__(
+        self,
+        system: str,
+        loop: str,
+        logdir: str,
+        warm: bool = True,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.system = system
         self.log_path = os.path.join(logdir, f"{system}.log")
         rfd, wfd = os.pipe()
         warm = "warm" if warm else "cold"
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+        extra = dict(extra_env or {})
+        first = extra.pop("PYTHONPATH", None)  # prepended: it must win over the checkout
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (first, REPO_ROOT, env.get("PYTHONPATH")) if p
+        )
+        env.update(extra)
         # Warm bytecode for runners and their workers alike (see _import_once).
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = os.path.join(logdir, "pycache")
@@ -132,6 +144,9 @@ def command_timeout(scenario: str, p: Params, quick: bool) -> float:
         + 3 * p.overload_capacity_s
         + p.overload_seconds
         + p.overload_deadline,
+        "map": 60.0 if p.map_all_chunksizes else 10.0,
+        "stream": p.stream_budget + 30.0,
+        "payloadlag": p.payloadlag_seconds + 3 * p.payloadlag_call_timeout,
     }.get(scenario, 0.0)
     return base + extra
 
@@ -219,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--loop", choices=("asyncio", "uvloop"), default="asyncio", help="event loop in runners"
     )
     ap.add_argument("--list", action="store_true", help="list systems and scenarios, then exit")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="print the tables (and --chart) of runs saved with --json, side by side: rows are"
+        " named system@python, and every ratio stays within its own run",
+    )
     return ap
 
 
@@ -228,9 +250,11 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.merge:
+        return merge_runs(args.merge, args.chart, args.systems, args.scenarios)
     if args.list:
         for name, cls in SYSTEMS.items():
-            print(f"{name:22} {cls.doc}")
+            print(f"{name:28} {cls.doc}")
         print("scenarios:", ", ".join(ALL_SCENARIOS))
         return 0
     scenarios = parse_list(args.scenarios, list(ALL_SCENARIOS), "scenario")
@@ -277,13 +301,18 @@ def main(argv: list[str] | None = None) -> int:
     imports: list[dict[str, Any]] = []
 
     starting: dict[str, Runner] = {}
+    prepared: dict[str, dict[str, str]] = {}
+
+    def new_runner(name: str) -> Runner:
+        extra = prepared.get(name)
+        return Runner(name, args.loop, logdir, warm=not args.quick, extra_env=extra)
 
     def get_runner(name: str) -> Runner | None:
         if name in skipped:
             return None
         if name in runners:
             return runners[name]
-        runner = starting.pop(name, None) or Runner(name, args.loop, logdir, warm=not args.quick)
+        runner = starting.pop(name, None) or new_runner(name)
         try:
             hello = runner.read(120)
         except (TimeoutError, RunnerDied) as exc:
@@ -309,8 +338,25 @@ def main(argv: list[str] | None = None) -> int:
         needed = [
             s for s in systems if any(applies(SYSTEMS[s], sc) for sc in scenarios if sc != "import")
         ]
+        # What some systems need from outside (a wheel of the previous release, piscina from
+        # npm) is made before any runner starts, and cached (benchmarks/_external.py).
         for name in needed:
-            starting[name] = Runner(name, args.loop, logdir, warm=not args.quick)
+            cls = SYSTEMS[name]
+            if cls.slow_to_prepare and args.quick and not args.systems:
+                skipped[name] = (
+                    "skipped with --quick unless named in --systems (needs a build or a"
+                    " download first)"
+                )
+                log(f"  skip {name}: {skipped[name]}")
+                continue
+            try:
+                prepared[name] = cls.prepare(args.quick)
+            except Unavailable as exc:
+                skipped[name] = str(exc)
+                log(f"  skip {name}: {skipped[name]}")
+        for name in needed:
+            if name not in skipped:
+                starting[name] = new_runner(name)
         for name in needed:
             get_runner(name)
         for rep in range(repeat):
@@ -463,3 +509,45 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as exc:
             print(f"chart skipped: matplotlib is not installed ({exc})")
     return 130 if interrupted else 0
+
+
+def merge_runs(
+    paths: list[str], chart_path: str | None, systems: str | None, scenarios: str | None
+) -> int:
+    """Tables (and a chart) of several saved runs, e.g. Python 3.13 and 3.14, side by side;
+    ``systems`` and ``scenarios`` (comma-separated) keep only those rows and sections."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            doc = json.load(f)
+        runs.append((doc["meta"]["python"], doc))
+    # Summaries are made again from the raw samples, with this version's report code.
+    merged = report.merge_summaries(
+        [(python, report.summarise(doc["raw"], doc["imports"], CONTENDED)) for python, doc in runs]
+    )
+    keep = {x.strip() for x in systems.split(",")} if systems else None
+    sections = {x.strip() for x in scenarios.split(",")} if scenarios else None
+    for name in list(merged):
+        if name != "targets" and sections is not None and name not in sections:
+            del merged[name]
+        elif name != "targets" and keep is not None and name != "import":
+            rows = merged[name]["rows"]
+            merged[name]["rows"] = {k: v for k, v in rows.items() if report.base(k) in keep}
+    merged["targets"] = [
+        t
+        for t in merged["targets"]
+        if (sections is None or t["scenario"] in sections)
+        and (keep is None or report.base(t["system"]) in keep or t["scenario"] == "import")
+    ]
+    pythons = ", ".join(
+        f"{python} ({doc['meta']['date'][:16]}, repeat={doc['meta']['repeat']})"
+        for python, doc in runs
+    )
+    title = f"offload benchmarks, {len(runs)} runs: Python {pythons}"
+    print(title)
+    print("rows are system@python; every ratio is taken within its own run")
+    print(report.render(merged, runs[0][1]["params"]))
+    if chart_path:
+        report.chart(merged, chart_path, title)
+        print(f"chart: {chart_path}")
+    return 0

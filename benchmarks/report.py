@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .systems import FLOORS, OFFLOAD
+from .systems import FLOORS, NOT_PYTHON, OFFLOAD, PREVIOUS_OFFLOAD
 
 Results = dict[str, dict[str, dict[int, dict[str, Any]]]]  # scenario -> system -> rep -> result
 
@@ -33,8 +33,36 @@ def index(raw: list[dict[str, Any]]) -> Results:
     return out
 
 
+def base(name: str) -> str:
+    """A row's system name without the ``@python`` suffix of merged runs."""
+    return name.split("@", 1)[0]
+
+
 def is_peer(name: str) -> bool:
-    return name not in FLOORS and name not in OFFLOAD
+    name = base(name)
+    return name not in FLOORS and name not in OFFLOAD and name not in PREVIOUS_OFFLOAD
+
+
+def is_python_peer(name: str) -> bool:
+    return is_peer(name) and base(name) not in NOT_PYTHON
+
+
+def _interpreter_kind(name: str) -> bool:
+    name = base(name)
+    return "interpreter" in name or name == "InterpreterPoolExecutor"
+
+
+def python_floor_of(name: str) -> str:
+    """The Python floor of the same kind: what a system's round trip is held against."""
+    return "python-floor-interpreter" if _interpreter_kind(name) else "python-floor"
+
+
+def previous_of(name: str) -> str | None:
+    """The previous release's row for one of offload's asyncio rows (issue 12 section 5)."""
+    return {
+        "offload-process": "offload-previous",
+        "offload-interpreter": "offload-previous-interpreter",
+    }.get(name)
 
 
 def _get(result: dict[str, Any], key: str) -> Any:
@@ -44,6 +72,22 @@ def _get(result: dict[str, Any], key: str) -> Any:
             return None
         cur = cur[part]
     return cur
+
+
+def weighted_pct(lags_ms: list[float], q: float, period_ms: float = 1.0) -> float | None:
+    """The lag a moment picked at random would meet, at percentile ``q``: each tick's lag
+    weighted by how long that tick lasted (``period + lag``). A ticker sees a 200 ms stall as
+    one sample among hundreds; weighted, it counts for the 200 ms it blocked the loop."""
+    if not lags_ms:
+        return None
+    pairs = sorted(lags_ms)
+    total = sum(lag + period_ms for lag in pairs)
+    acc = 0.0
+    for lag in pairs:
+        acc += lag + period_ms
+        if acc >= q / 100.0 * total:
+            return lag
+    return pairs[-1]
 
 
 def _metric(res: Results, scenario: str, system: str, key: str) -> float | None:
@@ -77,11 +121,14 @@ def _key(key: str) -> Callable[[dict[str, Any]], float | None]:
     return lambda r: _get(r, key)
 
 
-def _best_peer(res: Results, scenario: str, key: str, higher: bool) -> str | None:
+def _best_peer(
+    res: Results, scenario: str, key: str, higher: bool, python_only: bool = False
+) -> str | None:
+    peer = is_python_peer if python_only else is_peer
     scored = [
         (v, s)
         for s in res[scenario]
-        if is_peer(s) and (v := _metric(res, scenario, s, key)) is not None
+        if peer(s) and (v := _metric(res, scenario, s, key)) is not None
     ]
     if not scored:
         return None
@@ -126,13 +173,17 @@ def summarise(
                     res, "latency", s, "anyio-to_interpreter", _norm_latency
                 ),
                 "x_best_peer": _ratio(res, "latency", s, best, _norm_latency) if best else None,
+                "x_python_floor": _ratio(res, "latency", s, python_floor_of(s), _norm_latency),
+                "x_previous": _ratio(res, "latency", s, prev, _norm_latency)
+                if (prev := previous_of(s))
+                else None,
                 "n": _metric(res, "latency", s, "n"),
                 "reps": len(reps),
             }
         summary["latency"] = {"best_peer": best, "rows": rows}
 
     if "throughput" in res:
-        best = _best_peer(res, "throughput", "tasks_per_s", higher=True)
+        best = _best_peer(res, "throughput", "tasks_per_s", higher=True, python_only=True)
         rows = {}
         for s, reps in res["throughput"].items():
             rows[s] = {
@@ -146,16 +197,31 @@ def summarise(
                 "x_offload_process": _ratio(
                     res, "throughput", s, "offload-process", _key("tasks_per_s")
                 ),
+                "x_piscina": _ratio(res, "throughput", s, "piscina", _key("tasks_per_s")),
+                "x_previous": _ratio(res, "throughput", s, prev, _key("tasks_per_s"))
+                if (prev := previous_of(s))
+                else None,
                 "reps": len(reps),
             }
         summary["throughput"] = {"best_peer": best, "rows": rows}
 
     if "cpu" in res:
         rows = {}
+        foreign = {
+            (e["system"], e["rep"]): e.get("foreign_cpu")
+            for e in raw
+            if e["scenario"] == "cpu" and "result" in e
+        }
         for s, reps in res["cpu"].items():
+            left = [
+                r["utilisation"] / (1.0 - f)
+                for rep, r in reps.items()
+                if (f := foreign.get((s, rep))) is not None and f < 0.9
+            ]
             rows[s] = {
                 "wall_s": _metric(res, "cpu", s, "wall_s"),
                 "utilisation": _metric(res, "cpu", s, "utilisation"),
+                "of_cpu_left": _med(left),
                 "task_cpu_ms": _metric(res, "cpu", s, "task_cpu_ms_median"),
                 "reps": len(reps),
             }
@@ -188,6 +254,10 @@ def summarise(
             row["x_best_peer"] = (
                 _ratio(res, "payload", s, best, _key("bytes.mib_per_s")) if best else None
             )
+            prev = previous_of(s)
+            row["x_previous"] = (
+                _ratio(res, "payload", s, prev, _key("bytes.mib_per_s")) if prev else None
+            )
             rows[s] = row
         summary["payload"] = {"best_peer": best, "rows": rows}
 
@@ -203,6 +273,9 @@ def summarise(
                 + ("" if len(set(stopped)) == 1 else f" ({sum(stopped)}/{len(stopped)})"),
                 "outcome": _majority([r["outcome"] for r in reps.values()]),
                 "next_error": _majority([r.get("next_error") for r in reps.values()]),
+                "x_previous_next": _ratio(res, "timeout", s, prev, _key("next_call_ms"))
+                if (prev := previous_of(s))
+                else None,
                 "reps": len(reps),
             }
         summary["timeout"] = {"rows": rows}
@@ -221,6 +294,62 @@ def summarise(
                 "reps": len(reps),
             }
         summary["startup"] = {"best_peer": best, "rows": rows}
+
+    if "map" in res:
+        ppe = "ProcessPoolExecutor"
+        rows = {}
+        for s, reps in res["map"].items():
+            sizes = sorted(
+                {c for r in reps.values() for c in r.get("by_chunksize", {})},
+                key=lambda c: (c.isdigit(), int(c) if c.isdigit() else 0),
+            )
+            rows[s] = {
+                "items_per_s": _metric(res, "map", s, "items_per_s"),
+                "best_chunksize": _majority([r.get("best_chunksize") for r in reps.values()]),
+                "by_chunksize": {
+                    c: _metric(res, "map", s, f"by_chunksize.{c}.items_per_s") for c in sizes
+                },
+                "x_ppe_best": _ratio(res, "map", s, ppe, _key("items_per_s")),
+                "items": _metric(res, "map", s, "items"),
+                "reps": len(reps),
+            }
+        summary["map"] = {"rows": rows}
+
+    if "stream" in res:
+        rows = {}
+        for s, reps in res["stream"].items():
+            rows[s] = {
+                "stream_items_per_s": _metric(res, "stream", s, "stream_items_per_s"),
+                "run_items_per_s": _metric(res, "stream", s, "run_items_per_s"),
+                "stream_us_per_item": _metric(res, "stream", s, "stream_us_per_item"),
+                "run_us_per_item": _metric(res, "stream", s, "run_us_per_item"),
+                "x_run": _metric(res, "stream", s, "x_run"),
+                "reps": len(reps),
+            }
+        summary["stream"] = {"rows": rows}
+
+    if "payloadlag" in res:
+        rows = {}
+        for s, reps in res["payloadlag"].items():
+            rows[s] = {
+                "p50_ms": _metric(res, "payloadlag", s, "p50_ms"),
+                "p99_ms": _metric(res, "payloadlag", s, "p99_ms"),
+                "max_ms": _metric(res, "payloadlag", s, "max_ms"),
+                "p99w_ms": _med([weighted_pct(r.get("lag_ms", []), 99) for r in reps.values()]),
+                "stalled": _med(
+                    [
+                        sum(x for x in r.get("lag_ms", []) if x > 1.0)
+                        / (sum(r.get("lag_ms", [])) + len(r.get("lag_ms", [])))
+                        for r in reps.values()
+                        if r.get("lag_ms")
+                    ]
+                ),
+                "trips": _metric(res, "payloadlag", s, "trips"),
+                "trip_ms": _metric(res, "payloadlag", s, "trip_ms_median"),
+                "mib": _metric(res, "payloadlag", s, "mib"),
+                "reps": len(reps),
+            }
+        summary["payloadlag"] = {"rows": rows}
 
     if imports:
         by_mod: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -305,26 +434,37 @@ class Target:
     system: str
     label: str
     key: str
-    op: str  # "<=" or ">="
+    op: str  # "<=", ">=" or ">"
     limit: float
 
 
+#: Issue 12 section 5: the current release against the previous one, on asyncio, within 10 %.
+PREVIOUS_TARGETS = tuple(
+    target
+    for system in ("offload-process", "offload-interpreter")
+    for target in (
+        Target("latency", system, "<= 1.1x previous release", "x_previous", "<=", 1.1),
+        Target("throughput", system, ">= 0.9x previous release", "x_previous", ">=", 0.9),
+        Target("payload", system, ">= 0.9x previous release", "x_previous", ">=", 0.9),
+        Target("timeout", system, "next call <= 1.1x previous", "x_previous_next", "<=", 1.1),
+    )
+)
+
 TARGETS = (
-    Target("latency", "offload-process", "<= 1.3x floor", "x_floor", "<=", 1.3),
-    Target("latency", "offload-process", "<= 0.8x anyio to_process", "x_anyio_process", "<=", 0.8),
-    Target("latency", "offload-interpreter", "<= 1.3x floor", "x_floor", "<=", 1.3),
-    Target(
-        "latency",
-        "offload-interpreter",
-        "<= 0.5x anyio to_interpreter",
-        "x_anyio_interpreter",
-        "<=",
-        0.5,
-    ),
-    Target("throughput", "offload-process", ">= 5x best peer", "x_best_peer", ">=", 5.0),
+    # Issue 14.
+    Target("latency", "offload-process", "<= 1.5x python floor", "x_python_floor", "<=", 1.5),
+    Target("latency", "offload-interpreter", "<= 1.5x python floor", "x_python_floor", "<=", 1.5),
+    Target("throughput", "offload-process", ">= 3x best Python peer", "x_best_peer", ">=", 3.0),
+    Target("throughput", "offload-process", "> piscina", "x_piscina", ">", 1.0),
+    Target("throughput", "offload-interpreter", ">= 3x best Python peer", "x_best_peer", ">=", 3.0),
+    Target("throughput", "offload-interpreter", "> piscina", "x_piscina", ">", 1.0),
     Target(
         "throughput", "offload-interpreter", ">= offload-process", "x_offload_process", ">=", 1.0
     ),
+    Target("map", "offload-process", ">= 2x PPE.map at its best", "x_ppe_best", ">=", 2.0),
+    Target("map", "offload-interpreter", ">= 2x PPE.map at its best", "x_ppe_best", ">=", 2.0),
+    Target("payloadlag", "offload-process", "p99 <= 1 ms", "p99_ms", "<=", 1.0),
+    Target("payloadlag", "offload-interpreter", "p99 <= 1 ms", "p99_ms", "<=", 1.0),
     Target("cpu", "offload-process", "utilisation >= 0.95", "utilisation", ">=", 0.95),
     Target("cpu", "offload-interpreter", "utilisation >= 0.95", "utilisation", ">=", 0.95),
     Target("looplag", "offload-process", "p99 <= 1 ms", "p99_ms", "<=", 1.0),
@@ -348,6 +488,7 @@ TARGETS = (
             Target("overload", system, "cheap p99 <= 3x unloaded", "cheap_x_base", "<=", 3.0),
         )
     ),
+    *PREVIOUS_TARGETS,
 )
 
 
@@ -358,10 +499,14 @@ def evaluate_targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
         if row is None:
             continue
         value = row.get(t.key)
+        if value is None and t.key.startswith("x_"):
+            continue  # the system compared with did not run (skipped: see the notes)
         if value is None:
             status = "n/a"
         elif t.op == "<=":
             status = "met" if value <= t.limit else "MISSED"
+        elif t.op == ">":
+            status = "met" if value > t.limit else "MISSED"
         else:
             status = "met" if value >= t.limit else "MISSED"
         out.append(
@@ -429,7 +574,9 @@ def _label(rows: dict[str, Any], name: str) -> str:
 
 def _order(rows: dict[str, Any]) -> list[str]:
     def rank(s: str) -> tuple[int, str]:
-        return (0 if s in FLOORS else 1 if s in OFFLOAD else 2, s)
+        b = base(s)
+        group = 0 if b in FLOORS else 1 if b in OFFLOAD else 2 if b in PREVIOUS_OFFLOAD else 3
+        return (group, s)
 
     return sorted(rows, key=rank)
 
@@ -448,6 +595,13 @@ TITLES = {
     "overload": "overload: a uvicorn server, expensive work (scrypt ~{overload_hash_s:g} s,"
     " {overload_deadline:g} s deadline) at {overload_factor:g}x its capacity, plus"
     " {overload_cheap_rate:g} cheap JWT checks/s",
+    "map": "map: {map_items:,} trivial items through the system's own map (items/s)",
+    "stream": "stream: one wm.stream of {stream_items:,} trivial items against one awaited run"
+    " per item",
+    "payloadlag": "payloadlag: 1 ms ticker lag while {payloadlag_mib} MiB arguments flow to both"
+    " workers (ms)",
+    "previous": "previous release: the current offload / the previous release's (issue 12"
+    " section 5, asyncio; within 10 %)",
 }
 
 
@@ -478,13 +632,15 @@ def render(summary: dict[str, Any], params: dict[str, Any]) -> str:
                     fx(r["x_anyio_process"]),
                     fx(r["x_anyio_interpreter"]),
                     fx(r["x_best_peer"]),
+                    fx(r.get("x_python_floor")),
+                    fx(r.get("x_previous")),
                     fmt(r["n"], 0),
                     _targets_cell(summary, "latency", name),
                 ]
             )
         headers = [
             "system", "median", "p99", "floor", "xfloor", "xanyio-proc", "xanyio-interp",
-            "xbest-peer", "n", "targets",
+            "xbest-peer", "xpy-floor", "xprevious", "n", "targets",
         ]  # fmt: skip
         section("latency", headers, rows, f"best peer: {s['best_peer']}")
 
@@ -500,14 +656,25 @@ def render(summary: dict[str, Any], params: dict[str, Any]) -> str:
                     fmt(r["tasks"], 0) + ("*" if r["budget_hit"] else ""),
                     fx(r["x_floor"]),
                     fx(r["x_best_peer"]),
+                    fx(r.get("x_piscina")),
+                    fx(r.get("x_previous")),
                     _targets_cell(summary, "throughput", name),
                 ]
             )
         section(
             "throughput",
-            ["system", "tasks/s", "tasks", "xfloor", "xbest-peer", "targets"],
+            [
+                "system",
+                "tasks/s",
+                "tasks",
+                "xfloor",
+                "xbest-Python-peer",
+                "xpiscina",
+                "xprevious",
+                "targets",
+            ],
             rows,
-            f"best peer: {s['best_peer']}; * = stopped by the time budget"
+            f"best Python peer: {s['best_peer']}; * = stopped by the time budget"
             f" ({params.get('throughput_budget')} s) before all tasks ran",
         )
 
@@ -518,6 +685,7 @@ def render(summary: dict[str, Any], params: dict[str, Any]) -> str:
                 _label(s["rows"], name),
                 fmt(r["wall_s"], 3),
                 fmt(r["utilisation"], 2),
+                fmt(r.get("of_cpu_left"), 2),
                 fmt(r["task_cpu_ms"]),
                 _targets_cell(summary, "cpu", name),
             ]
@@ -526,9 +694,10 @@ def render(summary: dict[str, Any], params: dict[str, Any]) -> str:
         ]
         section(
             "cpu",
-            ["system", "wall s", "utilisation", "cpu/task ms", "targets"],
+            ["system", "wall s", "utilisation", "of CPU left", "cpu/task ms", "targets"],
             rows,
-            "utilisation = sum of in-task CPU time / (wall x 2 workers)",
+            "utilisation = sum of in-task CPU time / (wall x 2 workers); of CPU left = the same"
+            " / the share of the CPUs other processes left free during the measurement",
         )
 
     if "looplag" in summary:
@@ -559,12 +728,22 @@ def render(summary: dict[str, Any], params: dict[str, Any]) -> str:
             cells += [
                 fx(r["x_floor"]),
                 fx(r["x_best_peer"]),
+                fx(r.get("x_previous")),
                 _targets_cell(summary, "payload", name),
             ]
             rows.append(cells)
         section(
             "payload",
-            ["system", "bytes", "bytearray", "memoryview", "xfloor", "xbest-peer", "targets"],
+            [
+                "system",
+                "bytes",
+                "bytearray",
+                "memoryview",
+                "xfloor",
+                "xbest-peer",
+                "xprevious",
+                "targets",
+            ],
             rows,
             f"best peer: {s['best_peer']}",
         )
@@ -578,6 +757,7 @@ def render(summary: dict[str, Any], params: dict[str, Any]) -> str:
                 r["work_stopped"],
                 fmt(r["next_call_ms"], 2),
                 fmt(r["after_ms"], 2),
+                fx(r.get("x_previous_next")),
                 str(r["outcome"]),
                 _targets_cell(summary, "timeout", name),
             ]
@@ -586,7 +766,16 @@ def render(summary: dict[str, Any], params: dict[str, Any]) -> str:
         ]
         section(
             "timeout",
-            ["system", "back-deadline", "stopped", "next call", "then", "raised", "targets"],
+            [
+                "system",
+                "back-deadline",
+                "stopped",
+                "next call",
+                "then",
+                "next xprevious",
+                "raised",
+                "targets",
+            ],
             rows,
             "back-deadline = time until control returned minus the deadline (ms); stopped ="
             " heartbeat stopped within 0.5 s and never completed; then = median of 5 more calls",
@@ -697,6 +886,114 @@ def render(summary: dict[str, Any], params: dict[str, Any]) -> str:
             " loaded (its cost inside an asyncio app)",
         )
 
+    if "map" in summary:
+        s = summary["map"]
+        rows = [
+            [
+                _label(s["rows"], name),
+                fmt(r["items_per_s"]),
+                str(r["best_chunksize"]),
+                ", ".join(f"{c}: {fmt(v)}" for c, v in r["by_chunksize"].items()),
+                fx(r["x_ppe_best"]),
+                _targets_cell(summary, "map", name),
+            ]
+            for name in _order(s["rows"])
+            for r in [s["rows"][name]]
+        ]
+        section(
+            "map",
+            ["system", "items/s", "best chunksize", "items/s by chunksize", "xPPE-best", "targets"],
+            rows,
+            "offload: its adaptive default; ProcessPoolExecutor: its own map at each chunksize;"
+            " xPPE-best = / ProcessPoolExecutor's best chunksize in the same repetition",
+        )
+
+    if "stream" in summary:
+        s = summary["stream"]
+        rows = [
+            [
+                _label(s["rows"], name),
+                fmt(r["stream_items_per_s"]),
+                fmt(r["stream_us_per_item"], 2),
+                fmt(r["run_items_per_s"]),
+                fmt(r["run_us_per_item"], 1),
+                fx(r["x_run"]),
+            ]
+            for name in _order(s["rows"])
+            for r in [s["rows"][name]]
+        ]
+        section(
+            "stream",
+            ["system", "stream items/s", "us/item", "run items/s", "us/run", "xrun"],
+            rows,
+            "async with wm.stream(count_up, n) as items: async for item in items  vs  await"
+            " wm.run(echo, i) one at a time",
+        )
+
+    if "payloadlag" in summary:
+        s = summary["payloadlag"]
+        rows = [
+            [
+                _label(s["rows"], name),
+                fmt(r["p50_ms"], 3),
+                fmt(r["p99_ms"], 3),
+                fmt(r["max_ms"], 2),
+                fmt(r.get("p99w_ms"), 2),
+                "-" if r.get("stalled") is None else f"{r['stalled']:.0%}",
+                fmt(r["trips"], 0),
+                fmt(r["trip_ms"], 1),
+                _targets_cell(summary, "payloadlag", name),
+            ]
+            for name in _order(s["rows"])
+            for r in [s["rows"][name]]
+        ]
+        section(
+            "payloadlag",
+            [
+                "system",
+                "p50",
+                "p99",
+                "max",
+                "p99 by time",
+                "stalled",
+                "trips",
+                "ms/trip",
+                "targets",
+            ],
+            rows,
+            f"two calls in flight at a time, each nbytes({params.get('payloadlag_mib')} MiB"
+            " bytes); the byte floor echoes the buffer instead. p50/p99/max: of the ticks;"
+            " p99 by time: each tick weighted by its length (a long stall counts for all of"
+            " its time); stalled: share of the time lost to ticks over 1 ms late",
+        )
+
+    prev_rows = [
+        [
+            name,
+            fx(summary.get("latency", {}).get("rows", {}).get(name, {}).get("x_previous")),
+            fx(summary.get("throughput", {}).get("rows", {}).get(name, {}).get("x_previous")),
+            fx(summary.get("payload", {}).get("rows", {}).get(name, {}).get("x_previous")),
+            fx(summary.get("timeout", {}).get("rows", {}).get(name, {}).get("x_previous_next")),
+        ]
+        for name in sorted(
+            {
+                n
+                for sc in ("latency", "throughput", "payload", "timeout")
+                for n in summary.get(sc, {}).get("rows", {})
+                if previous_of(base(n))
+            }
+        )
+    ]
+    prev_rows = [r for r in prev_rows if any(c != "-" for c in r[1:])]
+    if prev_rows:
+        section(
+            "previous",
+            ["system", "round trip", "throughput", "8 MiB bytes", "timeout -> next call"],
+            prev_rows,
+            "each cell = current / previous in the same repetition (round trip: floor-"
+            "normalised); within 10 %: <= 1.10x for times, >= 0.90x for rates",
+        )
+
     targets = summary.get("targets", [])
     if targets:
         out.append("")
@@ -767,6 +1064,24 @@ def brief(scenario: str, result: dict[str, Any]) -> str:
                 f" {result['cheap_p99_ms']:.1f} ms vs {result['cheap_base_p99_ms']:.1f} unloaded,"
                 f" {result['manager']['inline']} inline"
             )
+        if scenario == "map":
+            return (
+                f"{result['items_per_s']:,.0f} items/s (chunksize {result['best_chunksize']};"
+                + ", ".join(
+                    f" {c}: {v['items_per_s']:,.0f}" for c, v in result["by_chunksize"].items()
+                )
+                + ")"
+            )
+        if scenario == "stream":
+            return (
+                f"stream {result['stream_items_per_s']:,.0f} items/s, run"
+                f" {result['run_items_per_s']:,.0f}/s ({result['x_run']:.1f}x)"
+            )
+        if scenario == "payloadlag":
+            return (
+                f"lag p50 {result['p50_ms']:.3f} ms, p99 {result['p99_ms']:.3f} ms,"
+                f" {result['trips']} trips"
+            )
     except (KeyError, TypeError):
         pass
     return "done"
@@ -784,7 +1099,23 @@ CHART_METRICS = (
     ("startup", "ready_ms", "startup ready (ms)"),
     ("import", "cumulative_ms", "import (ms)"),
     ("overload", "goodput_fraction", "overload: goodput / capacity"),
+    ("map", "items_per_s", "map of trivial items (items/s)"),
+    ("stream", "stream_items_per_s", "wm.stream vs one run per item (items/s)"),
+    ("payloadlag", "p99_ms", "loop lag p99, 100 MiB args in flight (ms)"),
 )
+
+
+def _colour(name: str) -> str:
+    b = base(name)
+    if b in OFFLOAD or b == "offload":
+        return "tab:orange"
+    if b in PREVIOUS_OFFLOAD:
+        return "navajowhite"
+    if b in FLOORS or b == "asyncio":
+        return "tab:gray"
+    if b in NOT_PYTHON:
+        return "tab:green"
+    return "tab:blue"
 
 
 def chart(summary: dict[str, Any], path: str, title: str) -> None:
@@ -799,20 +1130,21 @@ def chart(summary: dict[str, Any], path: str, title: str) -> None:
         raise ValueError("nothing to chart")
     cols = 2 if len(panels) > 1 else 1
     nrows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 3.2 * nrows), squeeze=False)
+    most = max(len(summary[m[0]]["rows"]) for m in panels)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(6.5 * cols, max(3.2, 0.22 * most + 1.0) * nrows), squeeze=False
+    )
     limits = {(t.scenario, t.key): t.limit for t in TARGETS if not t.key.startswith("x_")}
     for ax, (scenario, key, label) in zip(axes.flat, panels, strict=False):
         rows = summary[scenario]["rows"]
         names = [n for n in _order(rows) if rows[n].get(key) is not None]
         values = [rows[n][key] for n in names]
-        colors = [
-            "tab:orange"
-            if n in OFFLOAD or n == "offload"
-            else "tab:gray"
-            if n in FLOORS or n == "asyncio"
-            else "tab:blue"
-            for n in names
-        ]
+        colors = [_colour(n) for n in names]
+        if scenario == "stream":  # each system's stream beside its one-run-per-item figure
+            pairs = [(n, rows[n].get("run_items_per_s")) for n in names]
+            names = [label for n, _ in pairs for label in (f"{n}: stream", f"{n}: run per item")]
+            values = [v for n, run in pairs for v in (rows[n][key], run or 0.0)]
+            colors = [c for n, _ in pairs for c in (_colour(n), "tab:gray")]
         ax.barh(names, values, color=colors)
         positive = [v for v in values if v > 0]
         if positive and max(positive) / min(positive) > 50:
@@ -829,6 +1161,33 @@ def chart(summary: dict[str, Any], path: str, title: str) -> None:
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------- merged runs
+
+
+def merge_summaries(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One summary from several runs' (``python``, summary): each row renamed
+    ``system@python``; its ratios stay those of its own run. Targets are renamed the same way."""
+    merged: dict[str, Any] = {}
+    targets: list[dict[str, Any]] = []
+    for python, summary in runs:
+        for scenario, block in summary.items():
+            if scenario == "targets":
+                continue
+            into = merged.setdefault(scenario, {"rows": {}})
+            for key, value in block.items():
+                if key == "rows":
+                    for name, row in value.items():
+                        into["rows"][f"{name}@{python}"] = row
+                elif value is not None:
+                    into[key] = (
+                        f"{into[key]}, {value}@{python}" if key in into else f"{value}@{python}"
+                    )
+        for t in summary.get("targets", []):
+            targets.append({**t, "system": f"{t['system']}@{python}"})
+    merged["targets"] = targets
+    return merged

@@ -53,6 +53,14 @@ class Params:
     overload_cheap_rate: float = 100.0
     overload_scrypt_p: int = 0  # filled in by the orchestrator's calibration (0: calibrate here)
     burn_per_ms: float = 0.0  # filled in by the orchestrator's calibration
+    map_items: int = 100_000
+    map_all_chunksizes: bool = True
+    stream_items: int = 20_000
+    stream_run_calls: int = 5_000
+    stream_budget: float = 1.5
+    payloadlag_mib: int = 100
+    payloadlag_seconds: float = 1.5
+    payloadlag_call_timeout: float = 60.0
 
     @classmethod
     def quick(cls) -> Params:
@@ -74,6 +82,14 @@ class Params:
             overload_seconds=8.0,
             overload_capacity_s=5.0,
             overload_baseline_s=2.0,
+            map_items=5_000,
+            map_all_chunksizes=False,
+            stream_items=1_000,
+            stream_run_calls=200,
+            stream_budget=0.3,
+            payloadlag_mib=16,
+            payloadlag_seconds=0.3,
+            payloadlag_call_timeout=20.0,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -461,6 +477,150 @@ async def overload(system: System, p: Params) -> dict[str, Any]:
     return await scenario.run(system, p)
 
 
+# --------------------------------------------------------------------------- map
+
+
+def _chunk_label(system: System, chunksize: int | None) -> str:
+    if chunksize is not None:
+        return str(chunksize)
+    return "adaptive" if system.name.startswith("offload") else "default"
+
+
+async def map_(system: System, p: Params) -> dict[str, Any]:
+    """``map_items`` trivial items through the system's own map, at each of its chunk sizes
+    (offload: its adaptive default); items/s at the best one."""
+    sizes = list(system.map_chunksizes)
+    if not p.map_all_chunksizes:  # quick: one size that still makes several chunks
+        fits = [c for c in sizes if c is None or c <= p.map_items // 4]
+        sizes = fits[-1:] or sizes[:1]
+    items = list(range(p.map_items))
+    expected = sum(items)
+    await _started(system)
+    out: dict[str, Any] = {"items": p.map_items, "by_chunksize": {}}
+    try:
+        for cs in sizes:  # warm-up: every chunk size once on a small input
+            await system.map_all(_tasks.echo, items[:512], cs)
+        for cs in sizes:
+            t0 = time.perf_counter()
+            results = await system.map_all(_tasks.echo, items, cs)
+            seconds = time.perf_counter() - t0
+            if len(results) != len(items) or sum(results) != expected or results[:3] != items[:3]:
+                raise ValueError(f"map returned {len(results)} results, not the items in order")
+            out["by_chunksize"][_chunk_label(system, cs)] = {
+                "seconds": seconds,
+                "items_per_s": p.map_items / seconds,
+            }
+        best = max(out["by_chunksize"].items(), key=lambda kv: kv[1]["items_per_s"])
+        out["best_chunksize"] = best[0]
+        out["items_per_s"] = best[1]["items_per_s"]
+        return out
+    finally:
+        await _closed(system)
+
+
+# --------------------------------------------------------------------------- stream
+
+
+async def stream(system: System, p: Params) -> dict[str, Any]:
+    """Items/s from one ``wm.stream`` of ``stream_items`` trivial items, against one awaited
+    ``run`` per item (as a consumer that takes one item at a time would do without streams).
+    Two stream rounds around the run round; the stream figure is their median."""
+    await _started(system)
+    try:
+        await system.stream_count(100)
+        for _ in range(20):
+            await system.call(_tasks.echo, 0)
+        stream_s: list[float] = []
+
+        async def one_stream() -> None:
+            t0 = time.perf_counter()
+            got = await system.stream_count(p.stream_items)
+            stream_s.append(time.perf_counter() - t0)
+            if got != p.stream_items:
+                raise ValueError(f"the stream gave {got} items, not {p.stream_items}")
+
+        await one_stream()
+        runs = 0
+        stop_at = time.monotonic() + p.stream_budget
+        t0 = time.perf_counter()
+        while runs < p.stream_run_calls and time.monotonic() < stop_at:
+            await system.call(_tasks.echo, runs)
+            runs += 1
+        run_s = time.perf_counter() - t0
+        await one_stream()
+        stream_per_s = p.stream_items / statistics.median(stream_s)
+        run_per_s = runs / run_s
+        return {
+            "stream_items": p.stream_items,
+            "stream_seconds": stream_s,
+            "stream_items_per_s": stream_per_s,
+            "stream_us_per_item": 1e6 / stream_per_s,
+            "run_calls": runs,
+            "run_seconds": run_s,
+            "run_items_per_s": run_per_s,
+            "run_us_per_item": 1e6 / run_per_s,
+            "x_run": stream_per_s / run_per_s,
+        }
+    finally:
+        await _closed(system)
+
+
+# --------------------------------------------------------------------------- payloadlag
+
+
+async def payloadlag(system: System, p: Params) -> dict[str, Any]:
+    """Event-loop lag seen by a 1 ms ticker while ``payloadlag_mib`` MiB arguments flow to
+    both workers back to back (``nbytes(data)``: the argument goes, an int comes back).
+
+    The byte floor echoes the buffer instead (it cannot run code).
+    """
+    size = p.payloadlag_mib * MiB
+    data = os.urandom(size)
+    fn = _tasks.nbytes if system.runs_code else _tasks.echo
+
+    def check(result: Any) -> None:
+        n = result if isinstance(result, int) else len(result)
+        if n != size:
+            raise ValueError(f"the worker saw {n} bytes, not {size}")
+
+    await _started(system)
+    try:
+        check(await asyncio.wait_for(system.call(fn, data), p.payloadlag_call_timeout))
+        stop = False
+        trips: list[float] = []
+
+        async def load() -> None:
+            while not stop:
+                t0 = time.perf_counter()
+                check(await asyncio.wait_for(system.call(fn, data), p.payloadlag_call_timeout))
+                trips.append(time.perf_counter() - t0)
+
+        loaders = [asyncio.ensure_future(load()) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        lags: list[float] = []
+        end = time.perf_counter() + p.payloadlag_seconds
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= end:
+                break
+            await asyncio.sleep(0.001)
+            lags.append((time.perf_counter() - t0 - 0.001) * 1000.0)
+        stop = True
+        await asyncio.wait_for(asyncio.gather(*loaders), 2 * p.payloadlag_call_timeout)
+        return {
+            "mib": p.payloadlag_mib,
+            "lag_ms": lags,
+            "p50_ms": pct(lags, 50),
+            "p99_ms": pct(lags, 99),
+            "max_ms": max(lags),
+            "ticks": len(lags),
+            "trips": len(trips),
+            "trip_ms_median": statistics.median(trips) * 1000.0 if trips else None,
+        }
+    finally:
+        await _closed(system)
+
+
 SCENARIOS: dict[str, Callable[[System, Params], Awaitable[dict[str, Any]]]] = {
     "latency": latency,
     "throughput": throughput,
@@ -470,12 +630,17 @@ SCENARIOS: dict[str, Callable[[System, Params], Awaitable[dict[str, Any]]]] = {
     "timeout": timeout,
     "startup": startup,
     "overload": overload,
+    "map": map_,
+    "stream": stream,
+    "payloadlag": payloadlag,
 }
 # ``import`` is measured by the orchestrator itself (a fresh interpreter per sample).
 ALL_SCENARIOS = (*SCENARIOS, "import")
 
 # Which scenarios the byte-only floors take part in.
-FLOOR_SCENARIOS = frozenset({"latency", "throughput", "looplag", "payload", "startup"})
+FLOOR_SCENARIOS = frozenset(
+    {"latency", "throughput", "looplag", "payload", "startup", "payloadlag"}
+)
 
 
 # Scenarios only the systems that name them in ``only`` take part in.
@@ -485,6 +650,10 @@ EXCLUSIVE_SCENARIOS = frozenset({"overload"})
 def applies(system_cls: type[System], scenario: str) -> bool:
     if scenario in EXCLUSIVE_SCENARIOS:
         return system_cls.only is not None and scenario in system_cls.only
+    if scenario == "map" and not system_cls.map_chunksizes:
+        return False
+    if scenario == "stream" and not system_cls.streams:
+        return False
     if system_cls.only is not None:
         return scenario in system_cls.only
     if not system_cls.runs_code:

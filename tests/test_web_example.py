@@ -299,7 +299,7 @@ async def test_sigterm_drains_requests_in_flight(kind: str, tmp_path: Path) -> N
                 tg.start_soon(hash_password, i)
             # One worker: one hash runs, one waits behind it, one waits in the queue.
             with anyio.fail_after(30):
-                while (await client.get("/health")).json()["queued"] < 1:  # noqa: ASYNC110
+                while (await client.get("/health")).json()["queued"] < 1:
                     await anyio.sleep(0.02)
             server.process.send_signal(signal.SIGTERM)
         assert [responses[i].status_code for i in range(3)] == [200, 200, 200]

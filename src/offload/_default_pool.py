@@ -14,8 +14,8 @@ pool starts) so that a call holding a token finds a worker.
 from __future__ import annotations
 
 import logging
-import os
 import math
+import os
 from typing import Final
 
 import anyio

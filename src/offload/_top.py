@@ -19,8 +19,16 @@ if TYPE_CHECKING:
 
 __all__ = ("run_top", "workers_json")
 
-_COLUMNS = ("id", "state", "pid", "tasks_done", "failures", "current_task_name",
-            "current_task_seconds", "rss")
+_COLUMNS = (
+    "id",
+    "state",
+    "pid",
+    "tasks_done",
+    "failures",
+    "current_task_name",
+    "current_task_seconds",
+    "rss",
+)
 
 
 def workers_json(wm: WorkerManager) -> dict[str, Any]:
@@ -34,7 +42,7 @@ def workers_json(wm: WorkerManager) -> dict[str, Any]:
 
 
 def _fetch(url: str, timeout: float) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (the user's URL)
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         data: dict[str, Any] = json.loads(response.read())
     return data
 
@@ -43,17 +51,20 @@ def _rows(data: dict[str, Any]) -> list[list[str]]:
     rows = []
     for worker in data.get("workers", []):
         rss = worker.get("rss")
-        rows.append([
-            str(worker.get("id")),
-            str(worker.get("state")),
-            str(worker.get("pid") or "-"),
-            str(worker.get("tasks_done")),
-            str(worker.get("failures")),
-            str(worker.get("current_task_name") or "-"),
-            f"{worker.get('current_task_seconds', 0.0):.1f} s" if worker.get("current_task_name")
-            else "-",
-            f"{rss / 2**20:.0f} MiB" if rss else "-",
-        ])
+        rows.append(
+            [
+                str(worker.get("id")),
+                str(worker.get("state")),
+                str(worker.get("pid") or "-"),
+                str(worker.get("tasks_done")),
+                str(worker.get("failures")),
+                str(worker.get("current_task_name") or "-"),
+                f"{worker.get('current_task_seconds', 0.0):.1f} s"
+                if worker.get("current_task_name")
+                else "-",
+                f"{rss / 2**20:.0f} MiB" if rss else "-",
+            ]
+        )
     return rows
 
 
@@ -73,8 +84,10 @@ def run_top(url: str, interval: float = 1.0, once: bool = False) -> int:
     try:
         from rich.live import Live
         from rich.table import Table
-    except ImportError:
-        Live = None  # noqa: N806
+
+        have_rich = True
+    except ImportError:  # rich comes with the web extra; without it, plain lines
+        have_rich = False
 
     def table(data: dict[str, Any]) -> Any:
         view = Table(*_COLUMNS, title=_summary(data))
@@ -84,11 +97,11 @@ def run_top(url: str, interval: float = 1.0, once: bool = False) -> int:
 
     try:
         data = _fetch(url, timeout=max(1.0, interval))
-        if once or Live is None or not sys.stdout.isatty():
+        if once or not have_rich or not sys.stdout.isatty():
             print(_summary(data))
             for row in _rows(data):
                 print("  ".join(row))
-            if once or Live is None:
+            if once or not have_rich:
                 return 0
         with Live(table(data), refresh_per_second=4) as live:
             while True:
