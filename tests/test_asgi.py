@@ -456,7 +456,7 @@ def test_without_starlette_offload_asgi_says_what_to_install() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 1
-    assert "pip install 'offload[web]'" in result.stderr.strip().splitlines()[-1]
+    assert "pip install '.[web]'" in result.stderr.strip().splitlines()[-1]
 
 
 def test_manager_features_under_uvloop() -> None:

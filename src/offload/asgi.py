@@ -1,6 +1,7 @@
 """offload in ASGI apps (Starlette, FastAPI): one manager per app, errors as HTTP responses.
 
-Needs Starlette (``pip install 'offload[web]'``); ``import offload`` never imports it.
+Needs Starlette (offload's ``web`` extra: ``pip install '.[web]'`` in offload's checkout);
+``import offload`` never imports it.
 
 A Starlette app::
 
@@ -55,7 +56,8 @@ try:
     from starlette.types import ASGIApp, Receive, Scope, Send
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
     raise ModuleNotFoundError(
-        f"offload.asgi needs Starlette ({exc.name} is missing): pip install 'offload[web]'"
+        f"offload.asgi needs Starlette ({exc.name} is missing): install offload's web extra"
+        " (pip install '.[web]' in offload's checkout)"
     ) from None
 
 from ._context import use_manager

@@ -19,7 +19,8 @@ def load_distributed() -> Any:
         import distributed
     except ImportError as exc:
         raise UnsupportedKind(
-            f"the dask worker kind needs 'distributed' ({exc}): pip install 'offload[dask]'"
+            f"the dask worker kind needs 'distributed' ({exc}): install offload's dask extra"
+            " (pip install '.[dask]' in offload's checkout)"
         ) from None
     return distributed
 

@@ -101,7 +101,7 @@ def _psycopg() -> Any:
     except ModuleNotFoundError as exc:
         raise ModuleNotFoundError(
             f"the PostgreSQL job store needs psycopg 3 ({exc.name} is missing): "
-            "pip install 'offload[postgres]'"
+            "install offload's postgres extra (pip install '.[postgres]' in offload's checkout)"
         ) from None
     return psycopg
 

@@ -63,7 +63,8 @@ class JobQueue:
     Args:
         url: ``sqlite:///absolute/path.db`` (``sqlite:relative.db``, or a plain path; options
             ``?timeout=SECONDS&synchronous=normal|full``), or a libpq URL
-            ``postgresql://user@host/dbname`` (needs ``pip install 'offload[postgres]'``).
+            ``postgresql://user@host/dbname`` (needs offload's ``postgres`` extra:
+            ``pip install '.[postgres]'`` in offload's checkout).
         check_types: refuse at ``enqueue`` a type that is not registered here
             (``UNKNOWN_TASK``). Turn off in a process that enqueues jobs for workers that
             import task modules it does not.

@@ -54,7 +54,8 @@ def optional_import(package: str, extra: str, why_not: str) -> Iterator[None]:
         yield
     except ModuleNotFoundError:
         missing = ModuleNotFoundError(
-            f"this built-in task needs {package!r}: pip install 'offload[{extra}]'"
+            f"this built-in task needs {package!r}: install offload's {extra} extra"
+            f" (pip install '.[{extra}]' in offload's checkout)"
         )
     except ImportError:
         missing = UnsupportedKind(
