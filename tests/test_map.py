@@ -35,6 +35,39 @@ async def test_map_chunk_sizes(chunksize: int | None) -> None:
     assert got == [i * i for i in range(300)]
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+@pytest.mark.parametrize(
+    ("items", "chunksize", "max_in_flight"), [(20_000, 100, None), (1_000, 7, 50)]
+)
+async def test_every_chunk_is_whole_however_results_are_taken(
+    ordered: bool, items: int, chunksize: int, max_in_flight: int | None
+) -> None:
+    # Once: after the first fill, each result handed out freed room for one item, and the map
+    # sent one-item chunks from then on (a 100,000-item map ran ~100x slower than it should).
+    async with WorkerManager(workers=2) as wm:
+        before = wm.stats().submitted
+        results = wm.map(
+            tasks.square,
+            range(items),
+            ordered=ordered,
+            chunksize=chunksize,
+            max_in_flight=max_in_flight,
+        )
+        got = [r async for r in results]
+        chunks = wm.stats().submitted - before
+    assert sorted(got) == [i * i for i in range(items)]
+    assert chunks == -(-items // chunksize)
+
+
+async def test_adaptive_chunks_grow_past_the_first_for_short_items() -> None:
+    async with WorkerManager(workers=2) as wm:
+        before = wm.stats().submitted
+        got = [r async for r in wm.map(tasks.square, range(20_000))]
+        chunks = wm.stats().submitted - before
+    assert got == [i * i for i in range(20_000)]
+    assert chunks <= 20_000 // 8 // 4  # far fewer chunks than 8-item ones (items take µs)
+
+
 async def test_unordered_map_yields_every_result_once() -> None:
     async with WorkerManager(workers=2) as wm:
         got = [r async for r in wm.map(tasks.square, range(500), ordered=False, chunksize=3)]

@@ -10,6 +10,7 @@ iterator, which stops them).
 from __future__ import annotations
 
 import functools
+import itertools
 import pickle
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ._dispatch import CANCELLED, Job, JobState, Submission
 from ._offload_worker import protocol
-from ._offload_worker.batch import run_chunk
+from ._offload_worker.batch import ItemFailed, run_chunk
 from ._outcome import rebuild
 from ._task import Priority
 
@@ -32,6 +33,9 @@ T = TypeVar("T")
 CHUNK_TARGET: Final = 0.001  # seconds of work per adaptive chunk
 _FIRST_CHUNK: Final = 8
 _MAX_CHUNK: Final = 4096
+#: The default in-flight bound per worker (items), raised to four chunks per worker for tiny
+#: items, whose chunks are bigger.
+_PER_WORKER: Final = 256
 
 
 def map_results(
@@ -69,6 +73,14 @@ class _Chunk:
 
 
 class _Mapper(AsyncIterator[Any]):
+    """Chunks go out in submission order; results come back per chunk.
+
+    Ordered: only the oldest chunk's results may be handed out, so finished chunks are taken
+    from the front. Unordered: any finished chunk's results. Either way they land in one
+    ``_ready`` deque, so handing out an item is a ``popleft``. New chunks go out only when a
+    whole chunk fits under the in-flight bound, never one item at a time.
+    """
+
     def __init__(
         self,
         manager: WorkerManager,
@@ -91,8 +103,9 @@ class _Mapper(AsyncIterator[Any]):
             self._sync = iter(iterable)
         self._ordered = ordered
         self._chunksize = chunksize
-        workers = max(1, manager.stats().workers or manager.config.max_workers)
-        self._limit = max_in_flight or max(64, 256 * workers)
+        self._workers = max(1, manager.stats().workers or manager.config.max_workers)
+        self._max_in_flight = max_in_flight
+        self._limit = max_in_flight or _PER_WORKER * self._workers
         self._priority = priority
         self._timeout = timeout
         self._flow, self._name = manager._flow(fn)
@@ -100,10 +113,9 @@ class _Mapper(AsyncIterator[Any]):
         self._exhausted = False
         self._next_index = 0  # index of the next item read from the iterable
         self._in_flight = 0  # items submitted, results not yet handed out
-        self._chunks: deque[_Chunk] = deque()  # submitted, in submission order
-        self._ready: deque[tuple[int, bool, Any]] = deque()  # unordered: done results
-        self._results: dict[int, tuple[bool, Any]] = {}  # ordered: done results by index
-        self._emitted = 0  # ordered: index of the next result to hand out
+        self._room_needed = 1  # free room under the bound before the next chunk goes out
+        self._chunks: deque[_Chunk] = deque()  # submitted, not yet collected, in order
+        self._ready: deque[Any] = deque()  # results to hand out (ItemFailed for an error)
         self._closed = False
         self._bar = _bar() if progress else None
 
@@ -111,6 +123,19 @@ class _Mapper(AsyncIterator[Any]):
         return self
 
     async def __anext__(self) -> Any:
+        ready = self._ready
+        if (
+            ready
+            and self._bar is None
+            and not self._closed
+            and (self._exhausted or self._limit - self._in_flight < self._room_needed)
+        ):  # the common case, kept short: a result is here and no chunk is due to go out
+            value = ready.popleft()
+            self._in_flight -= 1
+            if type(value) is not ItemFailed:
+                return value
+            self.stop()
+            raise _item_error(value, self._manager.kind)
         try:
             return await self._next()
         except BaseException:
@@ -121,17 +146,16 @@ class _Mapper(AsyncIterator[Any]):
         if self._closed:
             raise StopAsyncIteration
         while True:
-            if not self._exhausted and self._in_flight < self._limit:
+            if not self._exhausted and self._limit - self._in_flight >= self._room_needed:
                 await self._fill()
-            found = self._take()
-            if found is not None:
-                index, ok, value = found
+            if self._ready or self._collect():
+                value = self._ready.popleft()
                 self._in_flight -= 1
                 if self._bar is not None:
                     self._bar.advance()
-                if ok:
+                if type(value) is not ItemFailed:
                     return value
-                raise _item_error(value, index, self._manager.kind)
+                raise _item_error(value, self._manager.kind)
             if not self._chunks:
                 if self._exhausted:
                     self.stop()
@@ -140,9 +164,13 @@ class _Mapper(AsyncIterator[Any]):
             await self._wait()
 
     async def _fill(self) -> None:
-        """Read items and submit chunks until the in-flight bound or the end."""
-        while not self._exhausted and self._in_flight < self._limit:
-            size = min(self._size(), self._limit - self._in_flight)
+        """Read items and submit whole chunks while they fit under the in-flight bound."""
+        while not self._exhausted:
+            size = self._size()
+            room = self._limit - self._in_flight
+            if room < size:
+                self._room_needed = size
+                return
             items = await self._read(size)
             if not items:
                 self._exhausted = True
@@ -150,36 +178,36 @@ class _Mapper(AsyncIterator[Any]):
             await self._submit(items)
 
     def _size(self) -> int:
+        """Items in the next chunk: ``chunksize``, or about ``CHUNK_TARGET`` seconds of work;
+        never more than the bound allows, and (adaptive) small enough that every worker can
+        hold two chunks at once."""
         if self._chunksize is not None:
-            return self._chunksize
+            return min(self._chunksize, self._limit)
         dispatch = self._manager._dispatch
         assert dispatch is not None
-        per_chunk = dispatch.estimates.get(self._chunk_flow)
         per_item = dispatch.estimates.get(self._flow)
         if per_item is None:
+            per_chunk = dispatch.estimates.get(self._chunk_flow)
             if per_chunk is None:
-                return _FIRST_CHUNK
+                return min(_FIRST_CHUNK, self._limit)
             per_item = per_chunk / max(1, self._last_size)
-        if per_item <= 0:
-            return _MAX_CHUNK
-        return max(1, min(_MAX_CHUNK, int(CHUNK_TARGET / per_item)))
+        size = _MAX_CHUNK if per_item <= 0 else int(CHUNK_TARGET / per_item)
+        if self._max_in_flight is None:  # tiny items: the default bound makes room for them
+            self._limit = max(self._limit, 4 * self._workers * min(size, _MAX_CHUNK))
+        return max(1, min(size, _MAX_CHUNK, self._limit // (2 * self._workers) or 1))
 
     _last_size = _FIRST_CHUNK
 
     async def _read(self, count: int) -> list[Any]:
-        items: list[Any] = []
         if self._sync is not None:
-            for item in self._sync:
-                items.append(item)
-                if len(items) >= count:
-                    break
-        else:
-            assert self._async is not None
-            while len(items) < count:
-                try:
-                    items.append(await self._async.__anext__())
-                except StopAsyncIteration:
-                    break
+            return list(itertools.islice(self._sync, count))
+        assert self._async is not None
+        items: list[Any] = []
+        while len(items) < count:
+            try:
+                items.append(await self._async.__anext__())
+            except StopAsyncIteration:
+                break
         return items
 
     async def _submit(self, items: list[Any]) -> None:
@@ -205,47 +233,38 @@ class _Mapper(AsyncIterator[Any]):
         self._in_flight += len(items)
         self._last_size = len(items)
 
-    def _take(self) -> tuple[int, bool, Any] | None:
-        """A finished result to hand out now, if any."""
-        self._collect()
+    def _collect(self) -> bool:
+        """Move finished chunks' results to ``_ready`` (ordered: only from the front);
+        whether there is one to hand out now."""
+        chunks = self._chunks
         if self._ordered:
-            entry = self._results.pop(self._emitted, None)
-            if entry is None:
-                return None
-            self._emitted += 1
-            return (self._emitted - 1, *entry)
-        return self._ready.popleft() if self._ready else None
-
-    def _collect(self) -> None:
-        """Move the results of finished chunks into the result buffers."""
-        while self._chunks:
-            done = [c for c in self._chunks if c.job.state is JobState.DONE]
-            if not done:
-                return
-            for chunk in done:
-                self._chunks.remove(chunk)
-                self._unpack(chunk)
+            while chunks and chunks[0].job.state is JobState.DONE:
+                self._unpack(chunks.popleft())
+        elif chunks:
+            done = [c for c in chunks if c.job.state is JobState.DONE]
+            if done:
+                self._chunks = deque(c for c in chunks if c.job.state is not JobState.DONE)
+                for chunk in done:
+                    self._unpack(chunk)
+        return bool(self._ready)
 
     def _unpack(self, chunk: _Chunk) -> None:
         job = chunk.job
+        ready = self._ready
         if job.error is not None and job.error is not CANCELLED:
             error = job.error  # the chunk failed as a whole (a crash, a timeout...)
-            for offset in range(chunk.size):
-                self._put(chunk.first + offset, False, error)
+            ready.extend(ItemFailed(chunk.first + offset, error) for offset in range(chunk.size))
             return
-        results = job.result if job.error is None else []
+        results, failed = job.result if job.error is None else ([], 0)
         dispatch = self._manager._dispatch
         assert dispatch is not None
         if chunk.size and job.run:
             dispatch.estimates.add(self._flow, job.run / chunk.size)
-        for offset, (ok, value) in enumerate(results):
-            self._put(chunk.first + offset, ok, value)
-
-    def _put(self, index: int, ok: bool, value: Any) -> None:
-        if self._ordered:
-            self._results[index] = (ok, value)
-        else:
-            self._ready.append((index, ok, value))
+        if failed:  # an item's index within the chunk becomes its index in the iterable
+            for value in results:
+                if type(value) is ItemFailed:
+                    value.index += chunk.first
+        ready.extend(results)
 
     async def _wait(self) -> None:
         """Until one of the chunks in flight (the oldest, when ordered) is done."""
@@ -283,12 +302,12 @@ class _Mapper(AsyncIterator[Any]):
         self.stop()
 
 
-def _item_error(value: Any, index: int, kind: str) -> BaseException:
-    if isinstance(value, BaseException):
-        error = value
+def _item_error(failed: ItemFailed, kind: str) -> BaseException:
+    if isinstance(failed.error, BaseException):
+        error = failed.error
     else:
-        error = rebuild(pickle.loads(value), protocol.RAISED, kind, None)
-    error.add_note(f"raised by wm.map's item {index}")
+        error = rebuild(pickle.loads(failed.error), protocol.RAISED, kind, None)
+    error.add_note(f"raised by wm.map's item {failed.index}")
     return error
 
 

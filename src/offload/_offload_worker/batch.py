@@ -11,13 +11,34 @@ from .codec import raised_payload
 _ITEM_LIMIT = 1 << 20
 
 
-def run_chunk(fn: Callable[[Any], Any], items: list[Any]) -> list[tuple[bool, Any]]:
-    """``[(True, fn(item)) or (False, the exception's payload), ...]`` for each item."""
-    out: list[tuple[bool, Any]] = []
+class ItemFailed:
+    """Stands in a chunk's results for an item that raised: its index, and its exception
+    (the payload a worker sends for one, or the exception itself when a whole chunk failed).
+
+    Results stay a plain list of values (cheap to pickle and to hand out), and no task's
+    own result can be one of these.
+    """
+
+    __slots__ = ("error", "index")
+
+    def __init__(self, index: int, error: Any) -> None:
+        self.index = index
+        self.error = error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ItemFailed, (self.index, self.error)
+
+
+def run_chunk(fn: Callable[[Any], Any], items: list[Any]) -> tuple[list[Any], int]:
+    """``fn(item)`` for each item, an ``ItemFailed`` (index within the chunk) for one that
+    raised; and how many raised."""
+    out: list[Any] = []
     append = out.append
+    failed = 0
     for item in items:
         try:
-            append((True, fn(item)))
+            append(fn(item))
         except Exception as exc:
-            append((False, raised_payload(exc, _ITEM_LIMIT)))
-    return out
+            append(ItemFailed(len(out), raised_payload(exc, _ITEM_LIMIT)))
+            failed += 1
+    return out, failed

@@ -138,6 +138,8 @@ def may_hold_buffers(values: Any) -> bool:
 
 def big_buffer_bytes(values: Any, depth: int = 2) -> int:
     """How many bytes of buffers ``values`` hold, looked for ``depth`` containers deep."""
+    if _BUFFER_OR_CONTAINER.isdisjoint(map(type, values)):
+        return 0  # (numbers or strings: one pass in C)
     total = 0
     for value in values:
         kind = type(value)
@@ -267,8 +269,8 @@ class _Encoder:
             return self.swapped[key]
         if key in self.open:  # (even past ``depth``: a copy would break the cycle)
             raise _Cycle
-        if not depth:
-            return obj
+        if not depth or (kind is not dict and _BUFFER_OR_CONTAINER.isdisjoint(map(type, obj))):
+            return obj  # (a list of numbers or strings: one pass in C, no walk)
         self.open.add(key)
         if kind is dict:
             swapped: dict[Any, Any] | None = None
