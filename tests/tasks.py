@@ -353,3 +353,12 @@ class SlowToLoad:
 def mark(marker: str, _slow: SlowToLoad) -> None:
     with open(marker, "w") as out:
         out.write("ran")
+
+
+def count_run_then_fail(path: str, how: str) -> None:
+    """Append a byte to ``path`` (one per run), then fail: ``raise`` a ValueError, or ``crash``."""
+    with open(path, "ab") as f:
+        f.write(b"x")
+    if how == "crash":
+        os._exit(3)
+    raise ValueError("fails every time")

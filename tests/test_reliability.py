@@ -15,6 +15,7 @@ import pytest
 
 import tasks
 from offload import (
+    InvalidTask,
     NotSerializable,
     PoisonTask,
     Retry,
@@ -247,3 +248,70 @@ async def test_a_killed_spare_is_replaced_by_a_spare() -> None:
             lambda: len({p.pid for p in psutil.Process().children()} - others - {spare}) == 3
         )
         assert wm.stats().workers == 2
+
+
+# ---- what Retry.on names, and what a number of retries means -----------------------------
+
+
+def _runs(path: Path) -> int:
+    return len(path.read_bytes())
+
+
+@pytest.mark.parametrize(
+    "on",
+    [{"TASK_ERROR"}, {ValueError}, {"ValueError"}, {Exception}, {"Exception"}, "TASK_ERROR"],
+    ids=repr,
+)
+async def test_retry_on_codes_classes_and_class_names(tmp_path: Path, on: Any) -> None:
+    # Once: {"TASK_ERROR"} and {ValueError} were accepted and never matched anything.
+    path = tmp_path / "runs"
+    path.touch()
+    async with manager(workers=1) as wm:
+        with pytest.raises(ValueError, match="fails every time"):
+            await wm.run(
+                tasks.count_run_then_fail,
+                str(path),
+                "raise",
+                retry=Retry(attempts=2, backoff=0, on=on),
+            )
+    assert _runs(path) == 3  # attempts=2: two more runs after the first
+
+
+@pytest.mark.parametrize("on", [{"WORKER_CRASHED"}, {TypeError}, {"TypeError"}, {"TIMEOUT"}])
+async def test_retry_on_leaves_other_errors_alone(tmp_path: Path, on: Any) -> None:
+    path = tmp_path / "runs"
+    path.touch()
+    async with manager(workers=1) as wm:
+        with pytest.raises(ValueError):
+            await wm.run(
+                tasks.count_run_then_fail,
+                str(path),
+                "raise",
+                retry=Retry(attempts=2, backoff=0, on=on),
+            )
+    assert _runs(path) == 1
+
+
+@pytest.mark.parametrize("on", [{"BOGUS_CODE"}, {"WORKER_CRASH"}, {3}, {""}, {int}, {None}])
+async def test_retry_on_refuses_what_could_never_match(on: Any) -> None:
+    with pytest.raises(InvalidTask, match=r"Retry\.on"):
+        Retry(on=on)
+
+
+@pytest.mark.parametrize(("retries", "runs"), [(0, 1), (1, 2), (2, 3)])
+async def test_a_number_of_retries_runs_a_crashing_task_that_many_more_times(
+    tmp_path: Path, retries: int, runs: int
+) -> None:
+    path = tmp_path / "runs"
+    path.touch()
+    async with manager(workers=1, retry=retries, poison_after=None) as wm:
+        with pytest.raises(WorkerCrashed):
+            await wm.run(tasks.count_run_then_fail, str(path), "crash")
+    assert _runs(path) == runs
+
+
+@pytest.mark.parametrize("bad", ["2", -1, 1.5, True])
+async def test_a_dict_tasks_bad_retries_names_the_key(bad: Any) -> None:
+    async with manager(workers=1) as wm:
+        with pytest.raises(InvalidTask, match=r"retries must be"):
+            await wm.execute_task({"type": "crypto:hash", "data": {"data": "aa"}, "retries": bad})

@@ -7,13 +7,13 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Final
 
-from .errors import OffloadError, PoisonTask
+from .errors import OffloadError, PoisonTask, TaskFailed
 
 if TYPE_CHECKING:
     from ._offload_worker.codec import Payload
     from ._task import Retry
 
-__all__ = ("POISON_MEMORY", "PoisonGuard", "code_of", "should_retry")
+__all__ = ("POISON_MEMORY", "PoisonGuard", "code_of", "retries_on", "should_retry")
 
 POISON_MEMORY: Final = 600.0  # seconds a crash counts against an identical task
 _REMEMBERED: Final = 1024
@@ -24,11 +24,26 @@ def code_of(exc: BaseException) -> str:
     return exc.code if isinstance(exc, OffloadError) else type(exc).__name__
 
 
+def retries_on(on: frozenset[str | type[BaseException]], exc: BaseException) -> bool:
+    """Whether ``exc`` is one of the errors a ``Retry.on`` names (see ``Retry``)."""
+    if code_of(exc) in on:
+        return True
+    if "TASK_ERROR" in on and (isinstance(exc, TaskFailed) or not isinstance(exc, OffloadError)):
+        return True
+    for entry in on:
+        if isinstance(entry, type):
+            if isinstance(exc, entry):
+                return True
+        elif any(entry in (cls.__name__, cls.__qualname__) for cls in type(exc).__mro__):
+            return True
+    return False
+
+
 def should_retry(
     retry: Retry | None, exc: BaseException, attempt: int, now: float, deadline: float | None
 ) -> float | None:
     """Seconds to wait before retry number ``attempt`` (1-based), or ``None``: give up."""
-    if retry is None or attempt > retry.attempts or code_of(exc) not in retry.on:
+    if retry is None or attempt > retry.attempts or not retries_on(retry.on, exc):
         return None
     delay = retry.delay(attempt)
     if deadline is not None and now + delay >= deadline:

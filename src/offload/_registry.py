@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from ._task import ALL_KINDS, KindName, Priority, Task
+from ._task import ALL_KINDS, KindName, Priority, Task, coerce_retry
 from .errors import InvalidInput, InvalidTask, UnknownTask
 
 __all__ = (
@@ -203,7 +203,7 @@ def task_from_dict(spec: Mapping[str, Any]) -> tuple[Task, RegisteredTask]:
                 priority=spec.get("priority", Priority.NORMAL),
                 timeout=spec.get("timeout"),
                 id=task_id,
-                retry=spec.get("retries"),
+                retry=coerce_retry(spec.get("retries"), "retries"),
                 max_wait=spec.get("max_wait"),
             ),
             entry,

@@ -5,11 +5,12 @@ from __future__ import annotations
 import enum
 import math
 import random
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from .errors import InvalidTask
+from .errors import InvalidTask, error_codes
 
 __all__ = ("ALL_KINDS", "KindName", "Priority", "PriorityLike", "Retry", "Task")
 
@@ -55,29 +56,43 @@ def coerce_timeout(value: object, name: str = "timeout") -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class Retry:
-    """Run a task again when it ends with one of the ``on`` codes, up to ``attempts`` more times.
+    """Run a task again when it fails with one of the ``on`` errors, up to ``attempts``
+    more times: ``Retry(attempts=2)`` runs a task at most 3 times.
 
     >>> Retry(attempts=2).delay(1) <= 0.2
     True
+    >>> Retry(on={"WORKER_CRASHED", "TIMEOUT", ValueError}).on >= {"TIMEOUT", ValueError}
+    True
+
+    ``on`` holds ``OffloadError`` codes (``"WORKER_CRASHED"``, ``"TIMEOUT"``...),
+    ``"TASK_ERROR"`` (any exception the task itself raised), exception classes (matched with
+    ``isinstance``) and exception class names (``"ValueError"``, matched along the class's
+    bases). An unknown code is ``InvalidTask`` at once, never a policy that silently never
+    matches.
 
     Waits ``backoff * 2**(attempt - 1)`` seconds (at most ``max_backoff``), times a random
-    factor in [0.5, 1.5) when ``jitter`` is on. Retries stay inside the task's deadline. By
-    default only ``WORKER_CRASHED`` is retried: an exception raised by the task itself would
-    most likely be raised again.
+    factor in [0.5, 1.5) when ``jitter`` is on. Retries stay inside the task's deadline: one
+    that could not start before it is not made, and the last error stands. By default only
+    ``WORKER_CRASHED`` is retried: an exception raised by the task itself would most likely be
+    raised again.
     """
 
     attempts: int = 3
     backoff: float = 0.1
     max_backoff: float = 5.0
     jitter: bool = True
-    on: frozenset[str] = frozenset({"WORKER_CRASHED"})
+    on: frozenset[str | type[BaseException]] = frozenset({"WORKER_CRASHED"})
 
     def __post_init__(self) -> None:
         if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
             raise InvalidTask(f"Retry.attempts must be an int, not {self.attempts!r}")
         if self.attempts < 0 or self.backoff < 0 or self.max_backoff < 0:
             raise InvalidTask("Retry attempts and delays must be >= 0")
-        object.__setattr__(self, "on", frozenset(self.on))
+        given: Any = self.on  # (a lone code or class is taken as a set of one)
+        on = frozenset([given] if isinstance(given, str | type) else given)
+        for entry in on:
+            _check_retry_entry(entry)
+        object.__setattr__(self, "on", on)
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based)."""
@@ -85,13 +100,39 @@ class Retry:
         return base * (0.5 + random.random()) if self.jitter else base
 
 
-def coerce_retry(value: object) -> Retry | None:
-    """``None``, a ``Retry``, or a number of attempts (``0`` means none)."""
+#: ``Retry.on``: any exception the task itself raised (as in ``offload.jobs``).
+TASK_ERROR: Final = "TASK_ERROR"
+_CODE = re.compile(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+")
+
+
+def _check_retry_entry(entry: object) -> None:
+    if isinstance(entry, type) and issubclass(entry, BaseException):
+        return
+    if isinstance(entry, str) and entry:
+        codes = error_codes()
+        if _CODE.fullmatch(entry) and entry != TASK_ERROR and entry not in codes:
+            raise InvalidTask(
+                f"Retry.on: {entry!r} is not an error code; codes are {TASK_ERROR!r} (the "
+                f"task's own exceptions) and {', '.join(sorted(codes))}"
+            )
+        return
+    raise InvalidTask(
+        "Retry.on takes error codes ('WORKER_CRASHED', 'TIMEOUT', 'TASK_ERROR'...), exception "
+        f"classes and exception class names, not {entry!r}"
+    )
+
+
+def coerce_retry(value: object, name: str = "retry") -> Retry | None:
+    """``None``, a ``Retry``, or a number of retries (``0`` means none; ``2``: at most 3
+    runs). ``name`` is the option's name in the error (``"retries"`` for dict tasks)."""
     if value is None or isinstance(value, Retry):
         return value
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return Retry(attempts=value) if value else None
-    raise InvalidTask(f"retry must be a Retry, a number of attempts or None, not {value!r}")
+    raise InvalidTask(
+        f"{name} must be a Retry, a number of retries >= 0 (2: at most 3 runs) or None, "
+        f"not {value!r}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +153,7 @@ class Task:
     timeout: float | None = None
     #: Free-form identifier echoed in errors (``OffloadError.task_id``) and stats.
     id: str | None = None
-    #: Retry policy (or a number of attempts); ``None`` takes the manager's default.
+    #: Retry policy (or a number of retries); ``None`` takes the manager's default.
     retry: Retry | int | None = None
     #: The longest it may wait before it starts (seconds); ``None``: the manager's.
     max_wait: float | None = None

@@ -281,3 +281,16 @@ for _cls in (
 ):
     _cls.__module__ = "offload"
 del _cls
+
+
+def error_codes() -> frozenset[str]:
+    """Every ``code`` of the error classes defined so far (those of ``offload.jobs`` once it
+    is imported): what a retry policy may name."""
+    codes: set[str] = set()
+    pending: list[type[OffloadError]] = [OffloadError]
+    while pending:
+        cls = pending.pop()
+        codes.add(cls.code)
+        pending.extend(cls.__subclasses__())
+    codes.discard(OffloadError.code)
+    return frozenset(codes)
