@@ -461,7 +461,7 @@ async def test_bad_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
             DaskKind(in_flight=bad)  # type: ignore[arg-type]
     assert "isolate=True" in repr(DaskKind(isolate=True))
     monkeypatch.setitem(sys.modules, "distributed", None)
-    with pytest.raises(UnsupportedKind, match=r"offload\[dask\]"):
+    with pytest.raises(UnsupportedKind, match=r"pip install '\.\[dask\]'"):
         WorkerManager(kind="dask")
 
 

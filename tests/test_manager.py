@@ -461,3 +461,26 @@ async def test_memoryview_arguments_and_results() -> None:
         result = await wm.run(tasks.echo, view)
         assert isinstance(result, memoryview)
         assert result.tobytes() == view.tobytes()
+
+
+@pytest.mark.parametrize("kind", ["thread", "processes", "", "PROCESS"])
+async def test_an_unknown_kind_name_is_a_value_error_naming_the_kinds(kind: str) -> None:
+    with pytest.raises(ValueError, match="kind must be one of"):
+        offload.WorkerManager(kind=kind)
+
+
+async def test_a_manager_runs_once() -> None:
+    wm = offload.WorkerManager(workers=1)
+    async with wm:
+        with pytest.raises(RuntimeError, match="once"):
+            await wm.start()
+    with pytest.raises(offload.ManagerClosed):
+        async with wm:
+            pass
+
+
+async def test_min_workers_above_the_default_maximum_says_to_give_max_workers() -> None:
+    with pytest.raises(ValueError, match="give max_workers too"):
+        offload.WorkerManager(min_workers=10_000)
+    with pytest.raises(ValueError, match=r"max_workers \(2\)$"):
+        offload.WorkerManager(min_workers=3, max_workers=2)

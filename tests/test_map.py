@@ -192,3 +192,26 @@ async def test_a_crash_behind_short_tasks_fails_only_itself() -> None:
         crashed = [i for i, o in outcomes.items() if isinstance(o, WorkerCrashed)]
         assert crashed == [30]  # only the task that crashed; the rest ran once, elsewhere
         assert all(o == 0.0 for i, o in outcomes.items() if i != 30)
+
+
+async def test_a_chunk_that_fails_as_a_whole_names_its_items() -> None:
+    async with WorkerManager(workers=1) as wm:
+        items = [0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0]  # -1: the worker dies on item 3
+        with pytest.raises(WorkerCrashed) as info:
+            async for _ in wm.map(tasks.spin_or_die, items, chunksize=6):
+                pass
+    notes = "\n".join(info.value.__notes__)
+    assert "items 0 to 5" in notes
+    assert "item 0" not in notes.replace("items 0 to 5", "")  # not blamed on the first item
+
+
+async def test_map_on_a_manager_that_is_not_running_says_so() -> None:
+    from offload import ManagerClosed, NotStarted
+
+    wm = WorkerManager(workers=1)
+    with pytest.raises(NotStarted):
+        wm.map(tasks.square, [1])
+    async with wm:
+        pass
+    with pytest.raises(ManagerClosed):
+        wm.map(tasks.square, [1])

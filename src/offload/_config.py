@@ -159,19 +159,22 @@ def make_config(
     server_processes_: int | None,
 ) -> Config:
     """Check every option and build the frozen ``Config`` (``ValueError`` names the range)."""
-    from .errors import InvalidTask, UnsupportedKind
+    from .errors import InvalidTask
 
     kind_object: Any = None
     if isinstance(kind, str) and kind in NAMED_KINDS:
         kind = NAMED_KINDS[kind]()  # e.g. "dask": a local Dask cluster (needs its extra)
     if isinstance(kind, str):
         if kind not in KIND_NAMES:
-            raise UnsupportedKind(f"kind must be one of {KIND_NAMES}, not {kind!r}")
+            raise ValueError(
+                f"kind must be one of {KIND_NAMES} or a kind object such as "
+                f"offload.dask.DaskKind(...), not {kind!r}"
+            )
         kind_name = kind
     else:
         name = getattr(kind, "name", None)
         if not isinstance(name, str) or not hasattr(kind, "create_backend"):
-            raise UnsupportedKind(
+            raise ValueError(
                 f"kind must be one of {KIND_NAMES} or a kind object such as "
                 f"offload.dask.DaskKind(...), not {kind!r}"
             )
@@ -193,7 +196,14 @@ def make_config(
         )
         low = _int("min_workers", 0 if min_workers is None else min_workers, 0)
         if low > high:
-            raise ValueError(f"min_workers ({low}) must not be more than max_workers ({high})")
+            default = (
+                " (the default on this machine: give max_workers too)"
+                if max_workers is None
+                else ""
+            )
+            raise ValueError(
+                f"min_workers ({low}) must not be more than max_workers ({high}{default})"
+            )
         start = low
     if idle_timeout is not None and low == high:
         raise ValueError("idle_timeout is for a pool that scales: give min_workers/max_workers")

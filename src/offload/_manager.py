@@ -257,8 +257,14 @@ class WorkerManager:
         Raises ``WorkerStartFailed`` (nothing is left running), ``UnsupportedKind``,
         ``MainGuardMissing`` (this runs while a worker imports your script).
         """
+        if self._state in (_State.DRAINING, _State.CLOSED):
+            raise ManagerClosed(
+                f"this WorkerManager is {self._state.value}: a manager runs once; create a new one"
+            )
         if self._state is not _State.NEW:
-            raise RuntimeError(f"this WorkerManager is {self._state.value}; create a new one")
+            raise RuntimeError(
+                f"this WorkerManager is {self._state.value} already: enter it (or start it) once"
+            )
         mainmod = sys.modules.get("offload._offload_worker.mainmod")
         if mainmod is not None and getattr(mainmod, "loading", False):
             raise MainGuardMissing(
@@ -825,9 +831,11 @@ class WorkerManager:
         ...     print(digest)
 
         The iterable (sync or async) is read lazily: at most ``max_in_flight`` items
-        (default: 16 per worker) are in flight at once, so a generator of ten million items
-        never materialises. Items go out in chunks of ``chunksize`` (``None``: adaptive, from
-        the measured run time, so that a chunk is about a millisecond of work). Results come
+        (default: 256 per worker, or four chunks per worker when items are so short that chunks
+        are bigger) are in flight at once, so a generator of ten million items never
+        materialises. Items go out in whole chunks of ``chunksize`` (``None``: adaptive, from
+        the measured run time, so that a chunk is about a millisecond of work, at most 4,096
+        items). Raises ``NotStarted`` or ``ManagerClosed`` at once, like ``run``. Results come
         in input order, or as they complete with ``ordered=False``. ``timeout`` is per item.
         Leaving the loop early (``break``, a cancellation, or an item's exception) stops the
         rest: nothing of it keeps running. An item's exception is raised at its place, with
@@ -836,6 +844,8 @@ class WorkerManager:
         """
         from ._map import map_results
 
+        if self._dispatch is None or self._state is not _State.RUNNING:
+            self._refuse(None)
         return map_results(
             self,
             fn,

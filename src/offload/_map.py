@@ -253,7 +253,10 @@ class _Mapper(AsyncIterator[Any]):
         ready = self._ready
         if job.error is not None and job.error is not CANCELLED:
             error = job.error  # the chunk failed as a whole (a crash, a timeout...)
-            ready.extend(ItemFailed(chunk.first + offset, error) for offset in range(chunk.size))
+            span = (chunk.first, chunk.first + chunk.size - 1)
+            ready.extend(
+                ItemFailed(chunk.first + offset, error, span) for offset in range(chunk.size)
+            )
             return
         results, failed = job.result if job.error is None else ([], 0)
         dispatch = self._manager._dispatch
@@ -307,7 +310,15 @@ def _item_error(failed: ItemFailed, kind: str) -> BaseException:
         error = failed.error
     else:
         error = rebuild(pickle.loads(failed.error), protocol.RAISED, kind, None)
-    error.add_note(f"raised by wm.map's item {failed.index}")
+    if failed.chunk is None:
+        error.add_note(f"raised by wm.map's item {failed.index}")
+    else:
+        first, last = failed.chunk
+        error.add_note(
+            f"wm.map's items {first} to {last} went to a worker together (one chunk), and the "
+            "chunk failed as a whole: one of them crashed the worker or ran out of time (a "
+            "smaller chunksize narrows it down)"
+        )
     return error
 
 

@@ -19,14 +19,15 @@ class ItemFailed:
     own result can be one of these.
     """
 
-    __slots__ = ("error", "index")
+    __slots__ = ("chunk", "error", "index")
 
-    def __init__(self, index: int, error: Any) -> None:
+    def __init__(self, index: int, error: Any, chunk: tuple[int, int] | None = None) -> None:
         self.index = index
         self.error = error
+        self.chunk = chunk  #: (first, last) item of a chunk that failed as a whole
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return ItemFailed, (self.index, self.error)
+        return ItemFailed, (self.index, self.error, self.chunk)
 
 
 def run_chunk(fn: Callable[[Any], Any], items: list[Any]) -> tuple[list[Any], int]:
