@@ -331,7 +331,7 @@ async def test_e11_shutdown_grace_bounds_shutdown_whatever_a_worker_does(grace: 
         await until(lambda: wm.stats().running == 1)
         started = time.perf_counter()
         await wm.shutdown()
-        assert time.perf_counter() - started < grace + 3.0  # within the grace, plus a margin
+        assert time.perf_counter() - started < grace + 1.0  # the grace, interrupt_grace, a margin
     # The abandoned interpreter ends when its call returns (a few seconds of backtracking).
     await until(lambda: not _interpreter_threads(), 60.0)
 

@@ -366,6 +366,14 @@ class WorkerManager:
             kill_all = getattr(backend, "kill_all", None)
             if kill_all is not None:
                 kill_all()
+        if self._dispatch is not None:  # callers still waiting (being cancelled) hear it now
+            for job in list(self._dispatch.jobs.values()):
+                self._dispatch.settle(
+                    job,
+                    error=ManagerClosed(
+                        "the event loop ended under a running manager", task_id=job.task_id
+                    ),
+                )
         if self._closed_event is not None:
             self._closed_event.set()
 

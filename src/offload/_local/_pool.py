@@ -231,10 +231,11 @@ class LocalPool:
         await self._wait_gone(grace)
         for worker in self._alive():
             worker.kill()
-        # A killed process is reaped within milliseconds, an interrupted interpreter ends as
-        # soon: a small margin. One stuck in C cannot be waited for: it is abandoned (it ends
-        # when its call returns, and cannot keep the process alive).
-        await self._wait_gone(2.0)
+        # A killed process is reaped within milliseconds: a small margin. An interrupted
+        # interpreter ends within ``interrupt_grace``; one stuck in C cannot be waited for: it
+        # is abandoned (it ends when its call returns, and cannot keep the process alive).
+        await self._wait_gone(2.0, lambda w: not w.kind.interrupts)
+        await self._wait_gone(self._config.interrupt_grace)
         for worker in self._alive():
             worker.abandon()
         self.retiring.clear()
@@ -243,13 +244,21 @@ class LocalPool:
         return [
             w
             for w in self._launched
-            if w.state is not WorkerState.GONE and w.handle is not None and not w.exit_seen
+            if w.state is not WorkerState.GONE
+            and w.handle is not None
+            and not w.exit_seen
+            and not w.handle.exited  # (reaped directly: the loop was ending)
         ]
 
-    async def _wait_gone(self, timeout: float) -> None:
+    async def _wait_gone(
+        self, timeout: float, which: Callable[[LocalWorker], bool] | None = None
+    ) -> None:
+        """Until every worker (of ``which``) has ended, or ``timeout`` seconds."""
         with anyio.move_on_after(timeout):
             while True:
                 alive = self._alive()
+                if which is not None:
+                    alive = [w for w in alive if which(w)]
                 if not alive:
                     return
                 self._all_gone = anyio.Event()
