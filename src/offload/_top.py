@@ -1,23 +1,20 @@
 """``offload top URL``: a live view of a manager's workers, read from an app's ``/workers`` route.
 
-The route (see ``examples/web_app.py``) answers ``workers_json(wm)``: the manager's ``stats()``
-and ``worker_statistics()`` as JSON. This view polls it (stdlib ``urllib``) and draws a table
-with rich when it is installed, plain lines otherwise. Ctrl-C ends it.
+The route (``offload.asgi.workers_endpoint``, see ``examples/web_app.py``) answers the
+manager's ``stats()`` and ``worker_statistics()`` as JSON. This view polls it (stdlib
+``urllib``) and draws a table with rich when it is installed, plain lines otherwise. Ctrl-C
+ends it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
 import urllib.request
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ._manager import WorkerManager
-
-__all__ = ("run_top", "workers_json")
+__all__ = ("run_top",)
 
 _COLUMNS = (
     "id",
@@ -29,16 +26,6 @@ _COLUMNS = (
     "current_task_seconds",
     "rss",
 )
-
-
-def workers_json(wm: WorkerManager) -> dict[str, Any]:
-    """What an app's ``/workers`` route answers: ``{"stats": {...}, "workers": [...]}``."""
-    stats = dataclasses.asdict(wm.stats())
-    stats["queued_by_priority"] = dict(stats["queued_by_priority"])
-    return {
-        "stats": stats,
-        "workers": [dataclasses.asdict(info) for info in wm.worker_statistics()],
-    }
 
 
 def _fetch(url: str, timeout: float) -> dict[str, Any]:

@@ -43,6 +43,7 @@ Where the manager is:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -236,9 +237,11 @@ async def workers_endpoint(request: Request) -> JSONResponse:
     ``offload top URL`` shows live. It says how busy the server is: mount it where only
     operators reach it.
     """
-    from ._top import workers_json
-
-    return JSONResponse(workers_json(get_manager(request)))
+    wm = get_manager(request)
+    stats = dataclasses.asdict(wm.stats())
+    stats["queued_by_priority"] = dict(stats["queued_by_priority"])
+    workers = [dataclasses.asdict(info) for info in wm.worker_statistics()]
+    return JSONResponse({"stats": stats, "workers": workers})
 
 
 def error_response(exc: BaseException, *, retry_after: int | None = None) -> JSONResponse:

@@ -112,3 +112,30 @@ def test_the_store_can_come_from_the_environment(
     code, out, _ = cli(capsys, "failed")
     assert (code, out.strip()) == (0, "no failed jobs")
     assert (tmp_path / "env.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value"),
+    [
+        ("work", "--concurrency", "0"),
+        ("work", "--workers", "0"),
+        ("work", "--lease", "-1"),
+        ("work", "--lease", "0"),
+        ("work", "--grace", "-2"),
+        ("work", "--poll-interval", "nan"),
+        ("work", "--health-interval", "inf"),
+        ("failed", "--limit", "0"),
+        ("purge", "--older-than", "-1"),
+    ],
+)
+def test_an_option_out_of_range_is_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, option: str, value: str
+) -> None:
+    # Once: --concurrency 0 and --lease -1 printed an ExceptionGroup traceback.
+    with pytest.raises(SystemExit) as exited:
+        main(["jobs", command, "--store", f"sqlite://{tmp_path / 'jobs.db'}", option, value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"argument {option}: must be" in err[0]
+    assert repr(value) in err[0]

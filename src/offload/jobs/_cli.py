@@ -31,6 +31,7 @@ from typing import Any
 
 import anyio
 
+from .._cli import OneLineParser, count, seconds
 from ..errors import OffloadError
 from ._model import FailedJob, JobStats
 from ._queue import JobQueue
@@ -73,7 +74,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="a queue to take jobs from, in order of preference (repeat; default: default)",
     )
-    work.add_argument("--concurrency", type=int, default=8, help="jobs held at once (8)")
+    work.add_argument("--concurrency", type=count(1), default=8, help="jobs held at once (8)")
     work.add_argument("--once", action="store_true", help="run what is due, then exit")
     work.add_argument(
         "--import",
@@ -83,24 +84,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="MODULE",
         help="a module that registers task types with @offload.task (repeat)",
     )
-    work.add_argument("--workers", type=int, default=None, help="worker processes (cores - 1)")
+    work.add_argument(
+        "--workers", type=count(1), default=None, help="worker processes (default: by cores)"
+    )
     work.add_argument(
         "--kind", default="process", choices=["process", "interpreter"], help="worker kind"
     )
-    work.add_argument("--lease", type=float, default=30.0, help="lease seconds (30)")
+    work.add_argument("--lease", type=seconds(), default=30.0, help="lease seconds (30)")
     work.add_argument(
-        "--grace", type=float, default=30.0, help="seconds to finish running jobs on SIGTERM"
+        "--grace",
+        type=seconds(strict=False),
+        default=30.0,
+        help="seconds to finish running jobs on SIGTERM (30)",
     )
     work.add_argument(
         "--health-interval",
-        type=float,
+        type=seconds(),
         default=30.0,
         help="ping idle worker processes this often (30 s: a host that waits for jobs most of "
         "the time stays under 1 %% of a core)",
     )
     work.add_argument(
         "--poll-interval",
-        type=float,
+        type=seconds(),
         default=30.0,
         help="look at the store at least this often (30 s)",
     )
@@ -110,7 +116,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     failed = command("failed", "list failed-job records, newest first")
     failed.add_argument("--queue", default=None)
-    failed.add_argument("--limit", type=int, default=100)
+    failed.add_argument("--limit", type=count(1), default=100)
     failed.add_argument("--json", action="store_true", help="print JSON (with tracebacks)")
     command("retry", "queue a failed job again").add_argument("id")
     command("retry-all", "queue every failed job again").add_argument("--queue", default=None)
@@ -123,12 +129,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         choices=["done", "failed", "queued"],
         help="which records (repeat; default: done)",
     )
-    purge.add_argument("--older-than", type=float, default=None, metavar="SECONDS")
+    purge.add_argument("--older-than", type=seconds(strict=False), default=None, metavar="SECONDS")
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m offload.jobs._cli ...`` (the same as ``offload jobs ...``)."""
-    parser = argparse.ArgumentParser(prog="offload jobs")
+    parser = OneLineParser(prog="offload jobs")
     configure(parser)
     return run(parser.parse_args(argv))
 
@@ -154,12 +160,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return anyio.run(go)
-    except OffloadError as exc:
-        print(f"offload jobs: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"offload jobs: {exc}", file=sys.stderr)
-        return 2
+    except BaseException as raised:
+        exc = raised
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]  # (raised inside a task group)
+        if isinstance(exc, OffloadError | ValueError):
+            print(f"offload jobs: {exc}", file=sys.stderr)
+            return 1 if isinstance(exc, OffloadError) else 2
+        raise
 
 
 async def _work(jobs: JobQueue, args: argparse.Namespace) -> int:
