@@ -112,6 +112,7 @@ async def test_an_items_exception_is_raised_at_its_place_with_its_index() -> Non
                 got.append(r)
         assert got == list(range(37))  # every result before it, in order
         assert any("item 37" in note for note in info.value.__notes__)
+        assert str(info.value) == "bad item (wm.map's item 37)"  # in the message too
         assert await wm.run(tasks.add, 1, 1) == 2
 
 

@@ -821,6 +821,11 @@ class WorkerManager:
 
     # -- map and stream ------------------------------------------------------------------------
 
+    def _check_running(self) -> None:
+        """``NotStarted`` or ``ManagerClosed`` unless the manager takes work now."""
+        if self._dispatch is None or self._state is not _State.RUNNING:
+            self._refuse(None)
+
     def map(
         self,
         fn: Callable[[T], R],
@@ -852,8 +857,6 @@ class WorkerManager:
         """
         from ._map import map_results
 
-        if self._dispatch is None or self._state is not _State.RUNNING:
-            self._refuse(None)
         return map_results(
             self,
             fn,
@@ -889,8 +892,7 @@ class WorkerManager:
         """
         from ._stream import open_stream
 
-        if self._dispatch is None or self._state is not _State.RUNNING:
-            self._refuse(None)
+        self._check_running()
         if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
             raise ValueError(f"buffer must be an int >= 1, not {buffer!r}")
         if not self._backends[self.kind].supports_progress:

@@ -21,6 +21,7 @@ from ._offload_worker import protocol
 from ._offload_worker.batch import ItemFailed, run_chunk
 from ._outcome import rebuild
 from ._task import Priority
+from .errors import OffloadError
 
 if TYPE_CHECKING:
     from ._manager import WorkerManager
@@ -58,6 +59,7 @@ def map_results(
         isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1
     ):
         raise ValueError(f"max_in_flight must be an int >= 1 or None, not {max_in_flight!r}")
+    manager._check_running()
     return _Mapper(
         manager, fn, iterable, ordered, chunksize, max_in_flight, priority, timeout, progress
     )
@@ -311,7 +313,14 @@ def _item_error(failed: ItemFailed, kind: str) -> BaseException:
     else:
         error = rebuild(pickle.loads(failed.error), protocol.RAISED, kind, None)
     if failed.chunk is None:
-        error.add_note(f"raised by wm.map's item {failed.index}")
+        # The index goes into the message, where it is seen first (this error is the
+        # worker's, rebuilt here, so changing it touches nothing of the caller's), and a note.
+        where = f"wm.map's item {failed.index}"
+        if isinstance(error, OffloadError):
+            error.message = f"{error.message} ({where})"
+        elif len(error.args) == 1 and isinstance(error.args[0], str):
+            error.args = (f"{error.args[0]} ({where})",)
+        error.add_note(f"raised by {where}")
     else:
         first, last = failed.chunk
         error.add_note(
