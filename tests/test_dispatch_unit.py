@@ -205,8 +205,12 @@ async def test_fair_share_lets_a_cheap_flow_through_a_burst() -> None:
                 ticket = kind.backend.held[0]
                 kind.backend.finish(seconds=0.6 if ticket.name == "fn" else 0.001)
     order = kind.backend.started_order
-    # every cheap task starts after at most one more hash, not after the whole burst
-    assert order.index("cheap4") < order.index("hash3"), order
+    # Every cheap task starts after at most one more hash (beyond the one the worker took
+    # when the burst came), not after the whole burst: by count, whatever order the ten hash
+    # callers happened to reach the queue in.
+    last_cheap = max(order.index(f"cheap{i}") for i in range(5))
+    hashes_first = [name for name in order[:last_cheap] if name.startswith("hash")]
+    assert len(hashes_first) <= 2, order
 
 
 async def test_would_time_out_refuses_at_once_with_a_retry_after() -> None:
