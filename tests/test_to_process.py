@@ -432,3 +432,29 @@ async def test_to_interpreter_pool_is_per_loop_too(anyio_backend: str) -> None:
     assert await to_interpreter.run_sync(tasks.add, 1, 2) == 3
     assert pool_manager("interpreter") is not None
     assert pool_manager("process") is None  # the kinds have pools of their own
+
+
+async def test_the_pool_grows_for_a_later_call_under_a_bigger_limiter(
+    started: Announcements, gate: Gate
+) -> None:
+    # Once: the first call (the default limiter: one token per CPU) fixed the pool's size, and
+    # four calls under CapacityLimiter(8) later ran on its workers two by two.
+    await to_process.run_sync(tasks.pid)
+    calls = (os.cpu_count() or 1) + 2
+    limiter = anyio.CapacityLimiter(calls)
+    pids: set[int] = set()
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for _ in range(calls):
+                tg.start_soon(
+                    lambda: to_process.run_sync(
+                        entry_tasks.announce_then_wait, started.path, gate.path, limiter=limiter
+                    )
+                )
+            try:
+                for _ in range(calls):  # all at once: each on a worker of its own
+                    pids.add((await started.next())[0])
+            finally:
+                for _ in range(calls):
+                    gate.open()
+    assert len(pids) == calls

@@ -1,14 +1,15 @@
 """The pools behind ``offload.to_process`` and ``offload.to_interpreter``: one per event loop
 and worker kind, as anyio keeps one per loop behind its own ``to_process`` / ``to_interpreter``.
 
-A pool is a ``WorkerManager`` with a fixed number of workers, started on the first call in a
-loop (its workers start together, in parallel) and shut down when the loop ends (a background
-task of the loop does it, as anyio's pool does). Workers do not retire when idle: a pool of
-``N`` workers keeps ``N`` processes (or interpreters) while its loop runs.
+A pool is a ``WorkerManager`` started on the first call in a loop with as many workers as
+that call's limiter has tokens (they start together, in parallel), and shut down when the loop
+ends (a background task of the loop does it, as anyio's pool does). It grows while calls wait
+(a later call under a bigger limiter), up to ``MAX_POOL``; workers beyond the first ones retire
+after ``IDLE_TIMEOUT`` idle seconds, as anyio's do.
 
 How many calls run at once is the callers' limiter's business (a ``CapacityLimiter`` token per
-call, as in anyio), not the pool's: the pool is sized to the limiter (its token count when the
-pool starts) so that a call holding a token finds a worker.
+call, as in anyio), not the pool's: the pool is sized to the limiter so that a call holding a
+token finds a worker.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ __all__ = ("DefaultPool", "default_limiter", "pool_for")
 
 log = logging.getLogger("offload")
 
+#: Seconds an extra worker may sit idle before it retires (anyio's ``WORKER_MAX_IDLE_TIME``).
+IDLE_TIMEOUT: Final = 300.0
 #: How long a shutdown at the loop's end may take (seconds).
 _LOOP_END_WAIT: Final = 5.0
 #: The largest pool: a limiter with more tokens lets more calls in, and those beyond this many
@@ -55,12 +58,13 @@ class DefaultPool:
         async with self._lock:
             wm = self.manager
             if wm is None or wm.closed:
-                # A fixed pool: offload's scaling pool adds a worker only when a ticket is
-                # offered while all are busy, and a ticket that arrived while the first worker
-                # was starting stays queued behind it until that worker is free: a pool that
-                # scales from zero would run calls one by one at first.
+                # It starts at the limiter's size, not at zero: a scaling pool adds a worker
+                # when a ticket is offered while all are busy, so one that scaled from zero
+                # would run the first calls one by one while its workers start.
                 wm = WorkerManager(
-                    max(1, size),
+                    min_workers=min(max(1, size), MAX_POOL),
+                    max_workers=MAX_POOL,
+                    idle_timeout=IDLE_TIMEOUT,
                     kind=self.kind,
                     max_queue=1 << 30,  # the limiters bound what waits, not the pool
                     spare_workers=0,
