@@ -169,4 +169,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    """The public names (``__all__``) and the dunders: what ``dir(offload)`` shows."""
+    return sorted({name for name in globals() if name.startswith("__")} | set(__all__))
