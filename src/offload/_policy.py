@@ -7,13 +7,21 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Final
 
+from ._task import TASK_ERROR
 from .errors import OffloadError, PoisonTask, TaskFailed
 
 if TYPE_CHECKING:
     from ._offload_worker.codec import Payload
     from ._task import Retry
 
-__all__ = ("POISON_MEMORY", "PoisonGuard", "code_of", "retries_on", "should_retry")
+__all__ = (
+    "POISON_MEMORY",
+    "PoisonGuard",
+    "class_name",
+    "code_of",
+    "retries_on",
+    "should_retry",
+)
 
 POISON_MEMORY: Final = 600.0  # seconds a crash counts against an identical task
 _REMEMBERED: Final = 1024
@@ -28,15 +36,21 @@ def retries_on(on: frozenset[str | type[BaseException]], exc: BaseException) -> 
     """Whether ``exc`` is one of the errors a ``Retry.on`` names (see ``Retry``)."""
     if code_of(exc) in on:
         return True
-    if "TASK_ERROR" in on and (isinstance(exc, TaskFailed) or not isinstance(exc, OffloadError)):
+    if TASK_ERROR in on and (isinstance(exc, TaskFailed) or not isinstance(exc, OffloadError)):
         return True
-    for entry in on:
-        if isinstance(entry, type):
-            if isinstance(exc, entry):
-                return True
-        elif any(entry in (cls.__name__, cls.__qualname__) for cls in type(exc).__mro__):
+    names = {entry for entry in on if isinstance(entry, str)}
+    for cls in type(exc).__mro__[:-1]:  # (not ``object``)
+        if cls in on or names & {cls.__name__, cls.__qualname__, class_name(cls)}:
             return True
     return False
+
+
+def class_name(cls: type) -> str:
+    """``ValueError`` for builtins, ``module.Qualname`` otherwise (how ``offload.jobs`` stores
+    an exception class in a job's ``retry_on``)."""
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def should_retry(

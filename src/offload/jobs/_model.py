@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
-from .._task import Priority
+from .._policy import class_name, retries_on
+from .._task import TASK_ERROR, Priority
 from ..errors import InvalidTask, OffloadError, TaskFailed
 
 __all__ = (
@@ -28,10 +29,9 @@ JobState = Literal["queued", "running", "done", "failed"]
 #: Every state a job can be in, in its life's order.
 STATES: Final[tuple[JobState, ...]] = ("queued", "running", "done", "failed")
 
-#: In ``retry_on``: any exception the task itself raised (not an ``OffloadError`` of the
-#: machinery, such as ``TIMEOUT``; ``WORKER_ERROR``, a task exception that could not be rebuilt
-#: here, counts as the task's own).
-TASK_ERROR: Final = "TASK_ERROR"
+# TASK_ERROR, in ``retry_on``: any exception the task itself raised (not an ``OffloadError``
+# of the machinery, such as ``TIMEOUT``; ``WORKER_ERROR``, a task exception that could not be
+# rebuilt here, counts as the task's own). The same as in ``offload.Retry(on=...)``.
 #: What is retried when a job sets no ``retry_on``.
 DEFAULT_RETRY_ON: Final[tuple[str, ...]] = (TASK_ERROR, "WORKER_CRASHED")
 
@@ -305,31 +305,14 @@ def retry_on_names(value: Iterable[str | type[BaseException]] | None) -> list[st
     return names
 
 
-def class_name(cls: type[BaseException]) -> str:
-    """``ValueError`` for builtins, ``module.Qualname`` otherwise."""
-    if cls.__module__ == "builtins":
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def error_code(exc: BaseException) -> str | None:
     return exc.code if isinstance(exc, OffloadError) else None
 
 
-def is_task_error(exc: BaseException) -> bool:
-    """Raised by the task itself (a ``WORKER_ERROR`` is a task exception not rebuilt here)."""
-    return isinstance(exc, TaskFailed) or not isinstance(exc, OffloadError)
-
-
 def should_retry(exc: BaseException, retry_on: Sequence[str] | None) -> bool:
-    """Whether ``exc`` is one of the errors ``retry_on`` names (``None``: the default)."""
-    names = DEFAULT_RETRY_ON if retry_on is None else retry_on
-    code = error_code(exc)
-    if code is not None and code in names:
-        return True
-    if TASK_ERROR in names and is_task_error(exc):
-        return True
-    return any(class_name(cls) in names for cls in type(exc).__mro__ if cls is not object)
+    """Whether ``exc`` is one of the errors ``retry_on`` names (``None``: the default): the
+    same rule as ``offload.Retry(on=...)``."""
+    return retries_on(frozenset(DEFAULT_RETRY_ON if retry_on is None else retry_on), exc)
 
 
 def error_type_name(exc: BaseException) -> str:
