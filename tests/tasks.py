@@ -241,8 +241,7 @@ def start_helper(seconds: float, pidfile: str) -> int:
     import subprocess
 
     helper = subprocess.Popen(["sleep", str(seconds)])
-    with open(pidfile, "w") as out:
-        out.write(str(helper.pid))
+    write_atomically(pidfile, str(helper.pid))
     return helper.wait()
 
 
@@ -252,8 +251,7 @@ def fork_then(how: str, pidfile: str) -> None:
     if child == 0:  # the child: hold the pipes, do nothing
         time.sleep(25)
         os._exit(0)
-    with open(pidfile, "w") as out:
-        out.write(str(child))
+    write_atomically(pidfile, str(child))
     if how == "exit":
         os._exit(3)
     time.sleep(30)
@@ -305,8 +303,7 @@ def numbers_then_fail(count: int) -> Any:
 def produced_count(path: str, count: int) -> Any:
     """Yields ``count`` items, noting in ``path`` how many it has produced so far."""
     for n in range(count):
-        with open(path, "w") as out:
-            out.write(str(n + 1))
+        write_atomically(path, str(n + 1))
         yield n
 
 
@@ -362,3 +359,12 @@ def count_run_then_fail(path: str, how: str) -> None:
     if how == "crash":
         os._exit(3)
     raise ValueError("fails every time")
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the whole of it or no file at all (a
+    test waiting for the file once read it empty: it exists from ``open`` on)."""
+    partial = f"{path}.{os.getpid()}.partial"
+    with open(partial, "w") as out:
+        out.write(text)
+    os.replace(partial, path)
