@@ -39,6 +39,9 @@ VENVS=/opt/offload
 # python3.15 is in sid too, so the root carries both. zstandard has no cp315 wheel yet: pip
 # builds it from its sdist, hence the C compiler and python3.15-dev.
 PACKAGES=python3.14,python3.14-venv,python3.15,python3.15-venv,python3.15-dev,gcc,libc6-dev
+# PostgreSQL's server programs for the job-store tests (they start their own server), installed
+# with apt after debootstrap, with a policy-rc.d that keeps the packaged cluster from starting.
+SERVER_PACKAGES="postgresql"
 READY="$ROOT/.offload-ready"
 SKIP=77
 
@@ -314,7 +317,8 @@ root_complete() {
   # Are all of $PACKAGES installed in the root?
   local status
   # shellcheck disable=SC2016,SC2086
-  status=$(chroot "$ROOT" dpkg-query -W -f='${db:Status-Status}\n' ${PACKAGES//,/ } 2>/dev/null) ||
+  status=$(chroot "$ROOT" dpkg-query -W -f='${db:Status-Status}\n' ${PACKAGES//,/ } $SERVER_PACKAGES \
+    2>/dev/null) ||
     return 1
   ! grep -qvx installed <<<"$status"
 }
@@ -330,8 +334,11 @@ setup() {
   enter
   if ! root_complete; then
     # A root made before a package was added here, or one that lost it.
+    printf '#!/bin/sh\nexit 101\n' >"$ROOT/usr/sbin/policy-rc.d"  # no service starts in here
+    chmod +x "$ROOT/usr/sbin/policy-rc.d"
     # shellcheck disable=SC2086  # the package list is split on purpose
-    in_root sh -c 'apt-get update -qq && apt-get install -y -qq "$@" >/dev/null' sh ${PACKAGES//,/ }
+    in_root sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends "$@" >/dev/null' sh ${PACKAGES//,/ } $SERVER_PACKAGES
   fi
   local python
   for python in "${PYTHONS[@]}"; do
