@@ -1125,7 +1125,12 @@ def chart(summary: dict[str, Any], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [m for m in CHART_METRICS if m[0] in summary]
+    panels = [  # (a scenario none of the systems shown took part in gets no empty panel)
+        m
+        for m in CHART_METRICS
+        if m[0] in summary
+        and any(row.get(m[1]) is not None for row in summary[m[0]]["rows"].values())
+    ]
     if not panels:
         raise ValueError("nothing to chart")
     cols = 2 if len(panels) > 1 else 1
