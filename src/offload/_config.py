@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from ._task import Retry, coerce_retry
+from .errors import UnsupportedKind
 
 __all__ = ("Config", "default_workers", "make_config", "server_processes")
 
@@ -62,6 +63,11 @@ class Config:
     def scaling(self) -> bool:
         """Whether the pool grows and shrinks with load (``min_workers``/``max_workers``)."""
         return self.min_workers != self.max_workers
+
+
+class _UnknownKind(UnsupportedKind, ValueError):
+    """Not a kind at all: a bad option (``ValueError``, as every other) that is also
+    ``UNSUPPORTED_KIND``, as it always was."""
 
 
 def _cpus() -> int:
@@ -166,7 +172,7 @@ def make_config(
         kind = NAMED_KINDS[kind]()  # e.g. "dask": a local Dask cluster (needs its extra)
     if isinstance(kind, str):
         if kind not in KIND_NAMES:
-            raise ValueError(
+            raise _UnknownKind(
                 f"kind must be one of {KIND_NAMES} or a kind object such as "
                 f"offload.dask.DaskKind(...), not {kind!r}"
             )
@@ -174,7 +180,7 @@ def make_config(
     else:
         name = getattr(kind, "name", None)
         if not isinstance(name, str) or not hasattr(kind, "create_backend"):
-            raise ValueError(
+            raise _UnknownKind(
                 f"kind must be one of {KIND_NAMES} or a kind object such as "
                 f"offload.dask.DaskKind(...), not {kind!r}"
             )
