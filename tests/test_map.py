@@ -216,3 +216,28 @@ async def test_map_on_a_manager_that_is_not_running_says_so() -> None:
         pass
     with pytest.raises(ManagerClosed):
         wm.map(tasks.square, [1])
+
+
+async def test_results_already_here_do_not_hold_the_event_loop() -> None:
+    # 5,000 results all in: handing them out must still let other tasks run now and then.
+    async with WorkerManager(workers=2) as wm, anyio.create_task_group() as tg:
+        turns = 0
+
+        async def other_task() -> None:
+            nonlocal turns
+            while True:
+                await anyio.lowlevel.checkpoint()
+                turns += 1
+
+        results = wm.map(tasks.square, range(5000), chunksize=100, max_in_flight=5000)
+        assert await results.__anext__() == 0
+        while wm.stats().completed < 50:  # every chunk done: the rest is already here
+            await anyio.sleep(0.01)
+        tg.start_soon(other_task)
+        await anyio.lowlevel.checkpoint()
+        before = turns
+        rest = [r async for r in results]  # no await of its own in this loop
+        during = turns - before
+        tg.cancel_scope.cancel()
+    assert rest == [i * i for i in range(1, 5000)]
+    assert during >= 4999 // 256 - 1

@@ -16,6 +16,8 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+import anyio.lowlevel
+
 from ._dispatch import CANCELLED, Job, JobState, Submission
 from ._offload_worker import protocol
 from ._offload_worker.batch import ItemFailed, run_chunk
@@ -37,6 +39,8 @@ _MAX_CHUNK: Final = 4096
 #: The default in-flight bound per worker (items), raised to four chunks per worker for tiny
 #: items, whose chunks are bigger.
 _PER_WORKER: Final = 256
+#: ``__anext__`` lets the event loop run once per this many + 1 results (a mask).
+_CHECKPOINT_EVERY: Final = 255
 
 
 def map_results(
@@ -119,6 +123,7 @@ class _Mapper(AsyncIterator[Any]):
         self._chunks: deque[_Chunk] = deque()  # submitted, not yet collected, in order
         self._ready: deque[Any] = deque()  # results to hand out (ItemFailed for an error)
         self._closed = False
+        self._handed = 0  # calls of __anext__
         self._bar = _bar() if progress else None
 
     def __aiter__(self) -> _Mapper:
@@ -126,8 +131,10 @@ class _Mapper(AsyncIterator[Any]):
 
     async def __anext__(self) -> Any:
         ready = self._ready
+        self._handed += 1
         if (
             ready
+            and self._handed & _CHECKPOINT_EVERY
             and self._bar is None
             and not self._closed
             and (self._exhausted or self._limit - self._in_flight < self._room_needed)
@@ -139,6 +146,9 @@ class _Mapper(AsyncIterator[Any]):
             self.stop()
             raise _item_error(value, self._manager.kind)
         try:
+            if not self._handed & _CHECKPOINT_EVERY:
+                # A long run of results that are already here must not hold the event loop.
+                await anyio.lowlevel.checkpoint()
             return await self._next()
         except BaseException:
             self.stop()
