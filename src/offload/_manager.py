@@ -101,7 +101,8 @@ class WorkerManager:
             before its interpreter is quarantined and replaced (seconds).
         on_task_done: called on the event loop with a ``TaskRecord`` when each accepted task
             gets its outcome (keep it fast; exceptions are logged).
-        retry: the default ``Retry`` policy (or a number of attempts) for tasks that set none.
+        retry: the default ``Retry`` policy for tasks that set none, or a number of retries
+            (``2``: a task runs at most 3 times).
         poison_after: refuse (``POISON_TASK``) a task identical to one that already crashed
             workers this many times (within 10 minutes); ``None`` turns this off.
         spare_workers: process workers kept started and idle, so a lost or recycled worker is
@@ -120,8 +121,8 @@ class WorkerManager:
         server_processes: how many server processes share this machine (for the default
             ``workers``); default ``WEB_CONCURRENCY``, else 1.
 
-    Raises ``ValueError`` (naming the option and its range) for an option out of range, and
-    ``UnsupportedKind`` for a kind this Python cannot run.
+    Raises ``ValueError`` (naming the option and its range) for an option out of range or
+    an unknown ``kind`` name, and ``UnsupportedKind`` for a kind this Python cannot run.
     """
 
     def __init__(
